@@ -10,6 +10,7 @@ A failure on any rank re-raises here with that rank's traceback; a hang fails af
 
 from __future__ import annotations
 
+import io
 import os
 import socket
 import traceback
@@ -40,7 +41,10 @@ def _entry(rank: int, world_size: int, port: int, fn: Callable, args: tuple, que
     torch.set_num_threads(1)
     try:
         result = fn(rank, world_size, *args)
-        queue.put((rank, True, result))
+        # Serialise by value: shared-memory tensor handles die with this process.
+        buffer = io.BytesIO()
+        torch.save(result, buffer)
+        queue.put((rank, True, buffer.getvalue()))
     except BaseException:  # report any failure, including assertion errors, to the parent
         queue.put((rank, False, traceback.format_exc()))
     finally:
@@ -78,7 +82,9 @@ def run_ranks(fn: Callable[..., Any], world_size: int, *args: Any, timeout: floa
             continue
         rank, ok, payload = queue.get()
         if ok:
-            results[rank] = payload
+            import torch
+
+            results[rank] = torch.load(io.BytesIO(payload), weights_only=False)
         else:
             errors.append(f"rank {rank} failed:\n{payload}")
     for p in procs:

@@ -1,0 +1,127 @@
+"""Hugging Face interop: our TP-sharded BERT <-> `transformers.BertForMaskedLM`.
+
+Our module names equal Hugging Face's, so the mapping is only about shapes: which tensors are
+split over TP ranks (and along which dimension), the vocabulary padding, and the tied decoder.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Iterable, Mapping
+
+import torch
+
+from sctd_dist.model.config import BertModelConfig
+
+# Sharded along the output dimension (ColumnParallelLinear): weight rows and bias.
+_COLUMN = re.compile(r"attention\.self\.(query|key|value)\.(weight|bias)$|intermediate\.dense\.(weight|bias)$")
+# Sharded along the input dimension (RowParallelLinear): weight columns; bias replicated.
+_ROW = re.compile(r"(attention\.output\.dense|layer\.\d+\.output\.dense)\.weight$")
+_VOCAB = ("bert.embeddings.word_embeddings.weight", "cls.predictions.bias")
+# Present in Hugging Face's state dict only as ties of tensors we keep once.
+_HF_TIED = ("cls.predictions.decoder.weight", "cls.predictions.decoder.bias")
+
+
+def shard_dim(name: str) -> int | None:
+    """The dimension along which parameter `name` is split over TP ranks (None: replicated)."""
+    if name in _VOCAB or _COLUMN.search(name):
+        return 0
+    if _ROW.search(name):
+        return 1
+    return None
+
+
+def _pad_vocab(t: torch.Tensor, padded: int) -> torch.Tensor:
+    if t.shape[0] == padded:
+        return t
+    pad = torch.zeros((padded - t.shape[0],) + tuple(t.shape[1:]), dtype=t.dtype)
+    return torch.cat([t, pad], dim=0)
+
+
+def hf_to_shard(
+    hf_state: Mapping[str, torch.Tensor], cfg: BertModelConfig, tp_size: int, tp_rank: int
+) -> dict[str, torch.Tensor]:
+    """This TP rank's slice of a BertForMaskedLM state dict, under our parameter names."""
+    out: dict[str, torch.Tensor] = {}
+    padded = cfg.padded_vocab_size(tp_size)
+    for name, tensor in hf_state.items():
+        if name in _HF_TIED or name.endswith("position_ids"):
+            continue
+        t = tensor.detach().cpu()
+        if name in _VOCAB:
+            t = _pad_vocab(t, padded)
+        dim = shard_dim(name)
+        if dim is not None:
+            t = t.chunk(tp_size, dim=dim)[tp_rank]
+        out[name] = t.clone()
+    return out
+
+
+def load_hf_state_dict(model: torch.nn.Module, hf_state: Mapping[str, torch.Tensor]) -> None:
+    """Copy a BertForMaskedLM state dict into our model at its TP size and rank."""
+    ctx = model.ctx
+    shard = hf_to_shard(hf_state, model.config, ctx.tp_size, ctx.tp_rank)
+    own = {k: v for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
+    missing = sorted(set(own) - set(shard))
+    unexpected = sorted(set(shard) - set(own))
+    if missing or unexpected:
+        raise ValueError(f"state dict mismatch: missing {missing[:8]}, unexpected {unexpected[:8]}")
+    for name, t in shard.items():
+        if own[name].shape != t.shape:
+            raise ValueError(f"{name}: checkpoint shape {tuple(t.shape)} != model {tuple(own[name].shape)}")
+    model.load_state_dict(shard, strict=False)
+
+
+def merge_shards(
+    shards: Iterable[Mapping[str, torch.Tensor]], cfg: BertModelConfig
+) -> dict[str, torch.Tensor]:
+    """Rank-ordered TP shards of our model -> a BertForMaskedLM state dict (vocab unpadded)."""
+    shards = list(shards)
+    merged: dict[str, torch.Tensor] = {}
+    for name in shards[0]:
+        if name.endswith("_extra_state"):
+            continue
+        dim = shard_dim(name)
+        parts = [s[name].detach().cpu() for s in shards]
+        t = torch.cat(parts, dim=dim) if dim is not None and len(parts) > 1 else parts[0]
+        if name in _VOCAB:
+            t = t[: cfg.vocab_size]
+        merged[name] = t.clone()
+    merged["cls.predictions.decoder.weight"] = merged["bert.embeddings.word_embeddings.weight"]
+    merged["cls.predictions.decoder.bias"] = merged["cls.predictions.bias"]
+    return merged
+
+
+def gather_hf_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor] | None:
+    """All TP ranks call this; TP rank 0 receives the merged BertForMaskedLM state dict."""
+    import torch.distributed as dist
+
+    ctx = model.ctx
+    local = {k: v.detach().cpu() for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
+    if ctx.tp_size == 1:
+        return merge_shards([local], model.config)
+    shards: list | None = [None] * ctx.tp_size if ctx.tp_rank == 0 else None
+    dist.gather_object(local, shards, dst=dist.get_global_rank(ctx.tp_group, 0), group=ctx.tp_group)
+    return merge_shards(shards, model.config) if ctx.tp_rank == 0 else None
+
+
+def to_hf_model(state: Mapping[str, torch.Tensor], cfg: BertModelConfig):
+    """A `transformers.BertForMaskedLM` holding `state` (fp32)."""
+    from transformers import BertForMaskedLM as HFBertForMaskedLM
+
+    hf = HFBertForMaskedLM(cfg.to_hf_config())
+    hf.load_state_dict({k: v.float() for k, v in state.items()}, strict=False)
+    hf.tie_weights()
+    return hf
+
+
+def save_hf(state: Mapping[str, torch.Tensor], cfg: BertModelConfig, out_dir: str | Path,
+            tokenizer=None) -> Path:
+    """Write a folder that `BertForMaskedLM.from_pretrained` loads with no custom code."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    to_hf_model(state, cfg).save_pretrained(out, safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out)
+    return out

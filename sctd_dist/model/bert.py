@@ -1,0 +1,325 @@
+"""BERT for masked-LM pretraining, tensor parallel, with the token-dropping layer schedule.
+
+Post-LayerNorm layers like Hugging Face's BertForMaskedLM, and the same module names, so a
+state dict maps 1:1 (see `sctd_dist.hf`). Activations are [batch, seq, hidden]; under sequence
+parallelism each TP rank holds a contiguous sequence slice between layers. All communication
+goes through `sctd_dist.parallel.layers`; this file is model math.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from sctd_dist.model.config import BertModelConfig
+from sctd_dist.parallel import layers as tp
+from sctd_dist.parallel.mappings import all_gather_stacked
+from sctd_dist.parallel.random import checkpoint_context_fn
+from sctd_dist.parallel.state import ParallelContext
+
+if TYPE_CHECKING:
+    from sctd_dist.model.router import Routing
+
+_ACTIVATIONS = {"gelu": F.gelu, "gelu_new": lambda x: F.gelu(x, approximate="tanh"), "relu": F.relu}
+
+
+def _gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """x[b, index[b, j]] for [b, s, h] activations."""
+    return torch.gather(x, 1, index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+
+
+def _scatter_rows(base: torch.Tensor, index: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """`base` with rows at `index` replaced by `rows` (out of place, differentiable)."""
+    return base.scatter(1, index.unsqueeze(-1).expand(-1, -1, base.shape[-1]), rows)
+
+
+class BertEmbeddings(nn.Module):
+    def __init__(self, cfg: BertModelConfig, ctx: ParallelContext) -> None:
+        super().__init__()
+        self.ctx = ctx
+        self.word_embeddings = tp.vocab_parallel_embedding(
+            cfg.padded_vocab_size(ctx.tp_size), cfg.hidden_size, ctx, cfg.initializer_range)
+        self.position_embeddings = nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size)
+        self.token_type_embeddings = nn.Embedding(cfg.type_vocab_size, cfg.hidden_size)
+        for emb in (self.position_embeddings, self.token_type_embeddings):
+            nn.init.normal_(emb.weight, std=cfg.initializer_range)
+        self.LayerNorm = tp.ParallelLayerNorm(cfg.hidden_size, cfg.layer_norm_eps, ctx)
+        self.dropout = tp.ParallelDropout(cfg.hidden_dropout_prob, ctx)
+
+    def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor) -> torch.Tensor:
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+        x = (self.word_embeddings(input_ids) + self.position_embeddings(positions)[None]
+             + self.token_type_embeddings(token_type_ids))
+        return self.dropout(self.LayerNorm(tp.split_to_sequence(x, self.ctx)))
+
+
+class BertSelfAttention(nn.Module):
+    def __init__(self, cfg: BertModelConfig, ctx: ParallelContext) -> None:
+        super().__init__()
+        self.ctx = ctx
+        h, std = cfg.hidden_size, cfg.initializer_range
+        self.query = tp.column_parallel_linear(h, h, ctx, std)
+        self.key = tp.column_parallel_linear(h, h, ctx, std)
+        self.value = tp.column_parallel_linear(h, h, ctx, std)
+        self.heads = cfg.num_attention_heads // ctx.tp_size
+        self.head_dim = cfg.head_dim
+        self.dropout_p = cfg.attention_probs_dropout_prob
+
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:
+        b, s, _ = x.shape
+        return x.view(b, s, self.heads, self.head_dim).transpose(1, 2)
+
+    def forward(self, q_in: torch.Tensor, kv_in: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
+        """Queries from `q_in` rows, keys/values from `kv_in` rows; returns [b, sq, h/tp]."""
+        q = self._heads(self.query(q_in)[0])
+        k = self._heads(self.key(kv_in)[0])
+        v = self._heads(self.value(kv_in)[0])
+        mask = key_mask[:, None, None, :]
+        # Each TP rank owns different heads, so their dropout masks must differ.
+        with tp.sharded_rng(self.ctx, True):
+            out = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, dropout_p=self.dropout_p if self.training else 0.0)
+        b, _, sq, _ = out.shape
+        return out.transpose(1, 2).reshape(b, sq, self.heads * self.head_dim)
+
+
+class BertSelfOutput(nn.Module):
+    """Row-parallel projection, dropout, residual and LayerNorm (HF's BertSelfOutput/BertOutput)."""
+
+    def __init__(self, in_features: int, cfg: BertModelConfig, ctx: ParallelContext) -> None:
+        super().__init__()
+        self.ctx = ctx
+        self.dense = tp.row_parallel_linear(in_features, cfg.hidden_size, ctx, cfg.initializer_range)
+        self.LayerNorm = tp.ParallelLayerNorm(cfg.hidden_size, cfg.layer_norm_eps, ctx)
+        self.dropout = tp.ParallelDropout(cfg.hidden_dropout_prob, ctx)
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        return self.LayerNorm(self.dropout(tp.row_parallel_forward(self.dense, x, self.ctx)) + residual)
+
+
+class BertAttention(nn.Module):
+    def __init__(self, cfg: BertModelConfig, ctx: ParallelContext) -> None:
+        super().__init__()
+        self.self = BertSelfAttention(cfg, ctx)
+        self.output = BertSelfOutput(cfg.hidden_size, cfg, ctx)
+
+
+class BertIntermediate(nn.Module):
+    def __init__(self, cfg: BertModelConfig, ctx: ParallelContext) -> None:
+        super().__init__()
+        self.dense = tp.column_parallel_linear(
+            cfg.hidden_size, cfg.intermediate_size, ctx, cfg.initializer_range)
+        self.act = _ACTIVATIONS[cfg.hidden_act]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.dense(x)[0])
+
+
+class BertLayer(nn.Module):
+    """One post-LN encoder layer. With `query_index` it is the token-dropping split layer:
+    queries (and the output) only at the kept rows, keys/values over all rows."""
+
+    def __init__(self, cfg: BertModelConfig, ctx: ParallelContext) -> None:
+        super().__init__()
+        self.ctx = ctx
+        self.attention = BertAttention(cfg, ctx)
+        self.intermediate = BertIntermediate(cfg, ctx)
+        self.output = BertSelfOutput(cfg.intermediate_size, cfg, ctx)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        key_mask: torch.Tensor,
+        query_index: torch.Tensor | None = None,
+        query_index_local: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """x: this rank's rows [b, s_local, h]; key_mask: [b, s_full] bool over all keys.
+
+        query_index / query_index_local: kept positions in the full sequence / in this rank's
+        slice (equal without SP). Returns the layer output at the query rows of this rank.
+        """
+        full = tp.enter_tp_region(x, self.ctx)
+        if query_index is None:
+            q_in, residual = full, x
+        else:
+            q_in, residual = _gather_rows(full, query_index), _gather_rows(x, query_index_local)
+        attn = self.attention.self(q_in, full, key_mask)
+        a = self.attention.output(attn, residual)
+        inter = self.intermediate(tp.enter_tp_region(a, self.ctx))
+        return self.output(inter, a)
+
+
+@dataclass
+class EncoderOutput:
+    hidden: torch.Tensor  # final layer, this rank's rows [b, s_local, h]
+    penultimate: torch.Tensor  # output of layer L-2 (kept rows when dropping)
+
+
+class BertEncoder(nn.Module):
+    def __init__(self, cfg: BertModelConfig, ctx: ParallelContext) -> None:
+        super().__init__()
+        self.layer = nn.ModuleList(BertLayer(cfg, ctx) for _ in range(cfg.num_hidden_layers))
+        self.activation_checkpointing = cfg.activation_checkpointing
+
+    def _run(self, layer: BertLayer, *args: torch.Tensor | None) -> torch.Tensor:
+        if self.activation_checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint(layer, *args, use_reentrant=False, context_fn=checkpoint_context_fn)
+        return layer(*args)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        key_mask: torch.Tensor,
+        routing: "Routing | None" = None,
+        split_layer: int | None = None,
+    ) -> EncoderOutput:
+        """Run all layers; with `routing`, the token-dropping schedule around `split_layer`:
+        full layers, the split layer (kept queries, all keys), kept-only layers, merge of the
+        dropped rows (which keep their split-layer input), and the last layer on all tokens."""
+        last = len(self.layer) - 1
+        penultimate = x
+        split_input = None
+        for i, layer in enumerate(self.layer):
+            if routing is None or i < split_layer:
+                x = self._run(layer, x, key_mask)
+            elif i == split_layer:
+                split_input = x
+                x = self._run(layer, x, routing.key_mask_all, routing.kept, routing.kept_local)
+            elif i < last:
+                x = self._run(layer, x, routing.key_mask_kept)
+            else:
+                x = self._run(layer, _scatter_rows(split_input, routing.kept_local, x), key_mask)
+            if i == last - 1:
+                penultimate = x
+        return EncoderOutput(hidden=x, penultimate=penultimate)
+
+
+class BertModel(nn.Module):
+    def __init__(self, cfg: BertModelConfig, ctx: ParallelContext) -> None:
+        super().__init__()
+        self.embeddings = BertEmbeddings(cfg, ctx)
+        self.encoder = BertEncoder(cfg, ctx)
+
+
+class BertPredictionHeadTransform(nn.Module):
+    def __init__(self, cfg: BertModelConfig) -> None:
+        super().__init__()
+        self.dense = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        nn.init.normal_(self.dense.weight, std=cfg.initializer_range)
+        nn.init.zeros_(self.dense.bias)
+        self.act = _ACTIVATIONS[cfg.hidden_act]
+        self.LayerNorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.LayerNorm(self.act(self.dense(x)))
+
+
+class BertLMPredictionHead(nn.Module):
+    """Transform + decoder tied to the (vocab-parallel) word embeddings + vocab-sharded bias."""
+
+    def __init__(self, cfg: BertModelConfig, ctx: ParallelContext) -> None:
+        super().__init__()
+        self.transform = BertPredictionHeadTransform(cfg)
+        self.bias = nn.Parameter(torch.zeros(cfg.padded_vocab_size(ctx.tp_size) // ctx.tp_size))
+        tp.mark_tensor_parallel(self.bias)
+
+
+class BertOnlyMLMHead(nn.Module):
+    def __init__(self, cfg: BertModelConfig, ctx: ParallelContext) -> None:
+        super().__init__()
+        self.predictions = BertLMPredictionHead(cfg, ctx)
+
+
+@dataclass
+class MLMOutput:
+    """What one forward pass produces for the objective and the metrics."""
+
+    loss: torch.Tensor  # mean MLM loss over this replica's masked positions
+    per_token_loss: torch.Tensor  # [n_masked], detached-safe inputs for the importance update
+    targets: torch.Tensor  # [n_masked] target ids
+    num_correct: torch.Tensor  # scalar, argmax == target over the full vocabulary
+    cls_penultimate: torch.Tensor | None = None  # [b, h] [CLS] at the output of layer L-2
+    cls_final: torch.Tensor | None = None  # [b, h] [CLS] at the final layer
+    logits: torch.Tensor | None = None  # [n_masked, V_padded/tp] (only when asked)
+
+
+class BertForMaskedLM(nn.Module):
+    """BERT with the MLM head; logits and cross-entropy only at masked positions."""
+
+    def __init__(self, cfg: BertModelConfig, ctx: ParallelContext | None = None) -> None:
+        super().__init__()
+        ctx = ctx or ParallelContext()
+        cfg.check_tensor_parallel(ctx.tp_size)
+        self.config = cfg
+        self.ctx = ctx
+        self.bert = BertModel(cfg, ctx)
+        self.cls = BertOnlyMLMHead(cfg, ctx)
+        shard = cfg.padded_vocab_size(ctx.tp_size) // ctx.tp_size
+        self.vocab_start = ctx.tp_rank * shard
+        # Padded vocabulary entries on this shard must never win the softmax.
+        pad = torch.arange(self.vocab_start, self.vocab_start + shard) >= cfg.vocab_size
+        self.register_buffer("vocab_padding", pad, persistent=False)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        labels: torch.Tensor,
+        token_type_ids: torch.Tensor | None = None,
+        routing: "Routing | None" = None,
+        split_layer: int | None = None,
+        return_cls: bool = False,
+        return_logits: bool = False,
+    ) -> MLMOutput:
+        """input_ids/attention_mask/labels: [b, s] (labels -100 where nothing is predicted)."""
+        self.config.check_seq_length(input_ids.shape[1])
+        if token_type_ids is None:
+            token_type_ids = torch.zeros_like(input_ids)
+        key_mask = attention_mask.bool()
+        x = self.bert.embeddings(input_ids, token_type_ids)
+        enc = self.bert.encoder(x, key_mask, routing, split_layer)
+        hidden = tp.leave_to_replicated(enc.hidden, self.ctx)
+        out = self._mlm(hidden, labels, return_logits)
+        if return_cls:
+            out.cls_final = hidden[:, 0]
+            out.cls_penultimate = tp.leave_to_replicated(enc.penultimate, self.ctx)[:, 0]
+        return out
+
+    def _mlm(self, hidden: torch.Tensor, labels: torch.Tensor, return_logits: bool) -> MLMOutput:
+        from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
+
+        selected = labels.reshape(-1) >= 0
+        targets = labels.reshape(-1)[selected]
+        h = hidden.reshape(-1, hidden.shape[-1])[selected]
+        h = self.cls.predictions.transform(h)
+        weight = self.bert.embeddings.word_embeddings.weight
+        logits = F.linear(tp.copy_to_tensor_parallel(h, self.ctx), weight, self.cls.predictions.bias)
+        logits = logits.float().masked_fill(self.vocab_padding, torch.finfo(torch.float32).min)
+        num_correct = self._num_correct(logits.detach(), targets)
+        kept_logits = logits.detach().clone() if return_logits else None
+        if self.ctx.tp_size == 1:
+            per_token = F.cross_entropy(logits, targets, reduction="none")
+        else:
+            # It rewrites its input in place: everything else was computed from the logits first.
+            per_token = vocab_parallel_cross_entropy(logits, targets)
+        loss = per_token.mean() if targets.numel() else logits.sum() * 0.0
+        return MLMOutput(loss=loss, per_token_loss=per_token, targets=targets,
+                         num_correct=num_correct, logits=kept_logits)
+
+    def _num_correct(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        if targets.numel() == 0:
+            return torch.zeros((), device=logits.device)
+        best, idx = logits.max(dim=-1)
+        idx = idx + self.vocab_start
+        if self.ctx.tp_size > 1:
+            all_best = all_gather_stacked(best, self.ctx.tp_group)
+            all_idx = all_gather_stacked(idx, self.ctx.tp_group)
+            # The first shard holding the maximum wins: the same tie rule as one full argmax.
+            winner = all_best.argmax(dim=0)
+            idx = all_idx.gather(0, winner[None])[0]
+        return (idx == targets).sum().float()

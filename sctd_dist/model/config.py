@@ -1,0 +1,193 @@
+"""Model and token-dropping configuration: typed, validated, with the paper's defaults.
+
+Field names of `BertModelConfig` are those of `transformers.BertConfig`, so a JSON written for
+Hugging Face can override a preset as it is.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # Small enough for CPU tests and the demo.
+    "tiny": dict(num_hidden_layers=4, hidden_size=128, num_attention_heads=2, intermediate_size=512),
+    "base": dict(num_hidden_layers=12, hidden_size=768, num_attention_heads=12, intermediate_size=3072),
+    "large": dict(num_hidden_layers=24, hidden_size=1024, num_attention_heads=16, intermediate_size=4096),
+}
+
+
+@dataclass
+class BertModelConfig:
+    """Architecture of the BERT encoder + MLM head (BertForMaskedLM-compatible)."""
+
+    vocab_size: int = 30522
+    hidden_size: int = 768
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    intermediate_size: int = 3072
+    hidden_act: str = "gelu"
+    hidden_dropout_prob: float = 0.1
+    attention_probs_dropout_prob: float = 0.1
+    max_position_embeddings: int = 512
+    type_vocab_size: int = 2
+    initializer_range: float = 0.02
+    layer_norm_eps: float = 1e-12
+    pad_token_id: int = 0
+    # Ours, not Hugging Face's: vocab padding granularity (times TP) and recomputation.
+    make_vocab_size_divisible_by: int = 128
+    activation_checkpointing: bool = False
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ValueError naming the field to change."""
+        for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                     "intermediate_size", "max_position_embeddings", "type_vocab_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(
+                f"hidden_size {self.hidden_size} is not divisible by num_attention_heads "
+                f"{self.num_attention_heads}; choose heads dividing the hidden size"
+            )
+        if self.hidden_act not in ("gelu", "gelu_new", "relu"):
+            raise ValueError(f"hidden_act must be gelu, gelu_new or relu, got {self.hidden_act!r}")
+        for name in ("hidden_dropout_prob", "attention_probs_dropout_prob"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+
+    def check_tensor_parallel(self, tp_size: int) -> None:
+        """Raise ValueError when the model cannot be split over `tp_size` ranks."""
+        if self.num_attention_heads % tp_size:
+            raise ValueError(
+                f"num_attention_heads {self.num_attention_heads} is not divisible by "
+                f"--tensor-model-parallel-size {tp_size}; use a TP size dividing the head count"
+            )
+        if self.intermediate_size % tp_size:
+            raise ValueError(
+                f"intermediate_size {self.intermediate_size} is not divisible by TP size {tp_size}"
+            )
+
+    def check_seq_length(self, seq_length: int) -> None:
+        """Raise ValueError when sequences do not fit the position embeddings."""
+        if seq_length > self.max_position_embeddings:
+            raise ValueError(
+                f"sequence length {seq_length} exceeds max_position_embeddings "
+                f"{self.max_position_embeddings}; shorten --seq-length or raise "
+                "max_position_embeddings in --model-config"
+            )
+
+    def padded_vocab_size(self, tp_size: int = 1) -> int:
+        """Vocabulary rounded up so every TP shard has the same, GEMM-friendly width."""
+        multiple = self.make_vocab_size_divisible_by * tp_size
+        return -(-self.vocab_size // multiple) * multiple
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_hf_config(self):
+        """The equivalent `transformers.BertConfig`."""
+        from transformers import BertConfig
+
+        keys = {f.name for f in dataclasses.fields(self)} - {
+            "make_vocab_size_divisible_by", "activation_checkpointing"}
+        return BertConfig(**{k: getattr(self, k) for k in keys})
+
+    @classmethod
+    def from_hf_config(cls, hf_config: Any) -> "BertModelConfig":
+        """Build from a `transformers.BertConfig` (unknown HF fields are ignored)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in hf_config.to_dict().items() if k in names})
+
+    @classmethod
+    def from_preset(
+        cls, name: str, overrides: dict[str, Any] | str | Path | None = None, **kwargs: Any
+    ) -> "BertModelConfig":
+        """A preset (`tiny`, `base`, `large`) with overrides from a dict or a JSON file."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown model preset {name!r}; choose one of {sorted(PRESETS)}")
+        values: dict[str, Any] = dict(PRESETS[name])
+        if isinstance(overrides, (str, Path)):
+            path = Path(overrides)
+            if not path.is_file():
+                raise ValueError(f"--model-config {path} does not exist")
+            overrides = json.loads(path.read_text())
+        values.update(overrides or {})
+        values.update(kwargs)
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - names - _IGNORED_HF_KEYS)
+        if unknown:
+            raise ValueError(
+                f"unknown model config field(s) {unknown}; valid fields: {sorted(names)}"
+            )
+        return cls(**{k: v for k, v in values.items() if k in names})
+
+
+# Hugging Face config.json keys that carry no architecture information for us.
+_IGNORED_HF_KEYS = {
+    "architectures", "model_type", "transformers_version", "torch_dtype", "dtype",
+    "position_embedding_type", "use_cache", "classifier_dropout", "gradient_checkpointing",
+    "is_decoder", "add_cross_attention", "tie_word_embeddings", "_name_or_path",
+}
+
+TokenDropMode = Literal["none", "vanilla", "sctd"]
+
+
+@dataclass
+class TokenDropConfig:
+    """Token dropping (Hou et al. 2022) and ScTD (Zhong et al. 2023) settings; paper defaults."""
+
+    mode: TokenDropMode = "sctd"
+    keep_ratio: float = 0.5
+    # Index of the split layer; None means the paper's L/2 - 1.
+    split_layer: int | None = None
+    sctd_interval: int = 10
+    sctd_weight: float = 0.05
+    # Weight of the full-token pass's own MLM loss on ScTD steps (0 = the released objective).
+    full_mlm_weight: float = 0.0
+    importance_beta: float = 0.95
+    importance_init: float = 10.0
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("none", "vanilla", "sctd"):
+            raise ValueError(f"--token-drop must be none, vanilla or sctd, got {self.mode!r}")
+        if not 0.0 < self.keep_ratio <= 1.0:
+            raise ValueError(f"--token-keep-ratio must be in (0, 1], got {self.keep_ratio}")
+        if self.sctd_interval < 1:
+            raise ValueError(f"--sctd-interval must be >= 1, got {self.sctd_interval}")
+        if self.sctd_weight < 0 or self.full_mlm_weight < 0:
+            raise ValueError("--sctd-weight and the full-pass MLM weight must be >= 0")
+        if not 0.0 <= self.importance_beta < 1.0:
+            raise ValueError(f"importance beta must be in [0, 1), got {self.importance_beta}")
+
+    @property
+    def enabled(self) -> bool:
+        return self.mode != "none"
+
+    def resolve_split_layer(self, num_layers: int) -> int:
+        """The split layer for an encoder of `num_layers`, validated."""
+        if num_layers < 4:
+            raise ValueError(
+                f"token dropping needs at least 4 layers (full, split, kept-only, last), the "
+                f"model has {num_layers}; use --token-drop none or a deeper model"
+            )
+        split = num_layers // 2 - 1 if self.split_layer is None else self.split_layer
+        if not 0 <= split <= num_layers - 2:
+            raise ValueError(
+                f"split layer {split} out of range for {num_layers} layers; "
+                f"choose 0..{num_layers - 2} (the last layer always sees all tokens)"
+            )
+        return split
+
+    def is_sctd_step(self, step: int) -> bool:
+        """ScTD consistency steps: every `sctd_interval`-th optimizer step, step 0 included."""
+        return self.mode == "sctd" and step % self.sctd_interval == 0

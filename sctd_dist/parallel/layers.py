@@ -1,0 +1,167 @@
+"""Tensor- and sequence-parallel building blocks that the plain BERT code is assembled from.
+
+The linear layers and the vocabulary embedding are megatron-core's. What is ours is how
+activations enter and leave a TP region: one input all-reduce (backward) shared by Q, K and V
+instead of one per projection, and sequence parallelism done with device-neutral collectives
+(megatron-core's SP path allocates CUDA buffers and cannot run under gloo).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sctd_dist.parallel import mappings
+from sctd_dist.parallel.random import SHARDED_RNG
+from sctd_dist.parallel.state import ParallelContext
+
+
+def _mcore_config(ctx: ParallelContext, params_dtype: torch.dtype = torch.float32):
+    from megatron.core.model_parallel_config import ModelParallelConfig
+
+    # CPU initialisation draws the full matrix from the replicated RNG and slices it, so every
+    # TP size starts from the same logical weights (and needs no CUDA RNG tracker).
+    return ModelParallelConfig(
+        tensor_model_parallel_size=ctx.tp_size,
+        sequence_parallel=False,
+        use_cpu_initialization=True,
+        perform_initialization=True,
+        params_dtype=params_dtype,
+        gradient_accumulation_fusion=False,
+    )
+
+
+def normal_init(std: float) -> Callable[[torch.Tensor], torch.Tensor]:
+    """BERT's weight initialisation: N(0, std)."""
+    return lambda w: nn.init.normal_(w, mean=0.0, std=std)
+
+
+def column_parallel_linear(in_features: int, out_features: int, ctx: ParallelContext, std: float):
+    """Output-sharded linear; the caller routes its input through `enter_tp_region`."""
+    from megatron.core.tensor_parallel import ColumnParallelLinear
+
+    return ColumnParallelLinear(
+        in_features, out_features, config=_mcore_config(ctx), init_method=normal_init(std),
+        bias=True, gather_output=False, disable_grad_reduce=True, tp_group=ctx.tp_group,
+    )
+
+
+def row_parallel_linear(in_features: int, out_features: int, ctx: ParallelContext, std: float):
+    """Input-sharded linear; use `row_parallel_forward` to run it."""
+    from megatron.core.tensor_parallel import RowParallelLinear
+
+    return RowParallelLinear(
+        in_features, out_features, config=_mcore_config(ctx), init_method=normal_init(std),
+        bias=True, input_is_parallel=True, skip_bias_add=False, tp_group=ctx.tp_group,
+    )
+
+
+def vocab_parallel_embedding(num_embeddings: int, dim: int, ctx: ParallelContext, std: float):
+    """Vocabulary-sharded embedding (output replicated over the TP group)."""
+    from megatron.core.tensor_parallel import VocabParallelEmbedding
+
+    return VocabParallelEmbedding(
+        num_embeddings, dim, init_method=normal_init(std), config=_mcore_config(ctx),
+        tp_group=ctx.tp_group,
+    )
+
+
+def mark_tensor_parallel(param: torch.Tensor, dim: int = 0) -> None:
+    """Flag a parameter we shard ourselves, so grad-norm code does not count it TP times."""
+    from megatron.core.tensor_parallel import set_tensor_model_parallel_attributes
+
+    set_tensor_model_parallel_attributes(param, is_parallel=True, dim=dim, stride=1)
+
+
+def enter_tp_region(x: torch.Tensor, ctx: ParallelContext) -> torch.Tensor:
+    """Make the full input of column-parallel layers from this rank's activations.
+
+    Without SP the input is replicated and only the backward needs an all-reduce; with SP the
+    sequence slices are all-gathered and the backward reduce-scatters.
+    """
+    if ctx.tp_size == 1:
+        return x
+    if ctx.sequence_parallel:
+        return mappings.gather_from_sequence(x, ctx.tp_group, grad_is_partial=True)
+    return copy_to_tensor_parallel(x, ctx)
+
+
+def copy_to_tensor_parallel(x: torch.Tensor, ctx: ParallelContext) -> torch.Tensor:
+    """Replicated input to a TP-sharded consumer: identity forward, all-reduce backward."""
+    if ctx.tp_size == 1:
+        return x
+    from megatron.core.tensor_parallel.mappings import copy_to_tensor_model_parallel_region
+
+    return copy_to_tensor_model_parallel_region(x, group=ctx.tp_group)
+
+
+def row_parallel_forward(layer: nn.Module, x: torch.Tensor, ctx: ParallelContext) -> torch.Tensor:
+    """Run a RowParallelLinear: all-reduce the partial sums, or reduce-scatter them under SP."""
+    if not ctx.sequence_parallel or ctx.tp_size == 1:
+        return layer(x)[0]
+    out = mappings.reduce_scatter_to_sequence(F.linear(x, layer.weight), ctx.tp_group)
+    return out + sequence_parallel_param(layer.bias, ctx)
+
+
+def sequence_parallel_param(p: torch.Tensor, ctx: ParallelContext) -> torch.Tensor:
+    """A replicated parameter applied to a sequence slice: its gradient is summed over TP."""
+    if ctx.sequence_parallel and ctx.tp_size > 1:
+        return mappings.all_reduce_grad(p, ctx.tp_group)
+    return p
+
+
+def leave_to_replicated(x: torch.Tensor, ctx: ParallelContext) -> torch.Tensor:
+    """Full-sequence activations on every TP rank (for replicated consumers such as the head)."""
+    if ctx.sequence_parallel and ctx.tp_size > 1:
+        return mappings.gather_from_sequence(x, ctx.tp_group, grad_is_partial=False)
+    return x
+
+
+def split_to_sequence(x: torch.Tensor, ctx: ParallelContext) -> torch.Tensor:
+    """Replicated [b, s, h] -> this rank's sequence slice (identity without SP)."""
+    if ctx.sequence_parallel and ctx.tp_size > 1:
+        return mappings.scatter_to_sequence(x, ctx.tp_group)
+    return x
+
+
+@contextlib.contextmanager
+def sharded_rng(ctx: ParallelContext, active: bool) -> Iterator[None]:
+    """Draw from the per-TP-rank RNG stream when `active` (work differs between TP ranks)."""
+    if active and ctx.tp_size > 1:
+        with SHARDED_RNG.fork(ctx.device):
+            yield
+    else:
+        yield
+
+
+class ParallelLayerNorm(nn.LayerNorm):
+    """LayerNorm whose parameters' gradients are summed over TP when it sees a sequence slice."""
+
+    def __init__(self, hidden: int, eps: float, ctx: ParallelContext) -> None:
+        super().__init__(hidden, eps=eps)
+        self.ctx = ctx
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(
+            x, self.normalized_shape, sequence_parallel_param(self.weight, self.ctx),
+            sequence_parallel_param(self.bias, self.ctx), self.eps,
+        )
+
+
+class ParallelDropout(nn.Dropout):
+    """Dropout on activations that are sequence slices under SP (then each rank needs its own
+    mask) and replicated otherwise (then every TP rank must draw the same mask)."""
+
+    def __init__(self, p: float, ctx: ParallelContext) -> None:
+        super().__init__(p)
+        self.ctx = ctx
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0.0:
+            return x
+        with sharded_rng(self.ctx, self.ctx.sequence_parallel):
+            return F.dropout(x, self.p, True)
