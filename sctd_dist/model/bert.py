@@ -9,33 +9,19 @@ goes through `sctd_dist.parallel.layers`; this file is model math.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from sctd_dist.model.config import BertModelConfig
+from sctd_dist.model.router import Routing, gather_tokens, scatter_tokens
 from sctd_dist.parallel import layers as tp
 from sctd_dist.parallel.mappings import all_gather_stacked
 from sctd_dist.parallel.random import checkpoint_context_fn
 from sctd_dist.parallel.state import ParallelContext
 
-if TYPE_CHECKING:
-    from sctd_dist.model.router import Routing
-
 _ACTIVATIONS = {"gelu": F.gelu, "gelu_new": lambda x: F.gelu(x, approximate="tanh"), "relu": F.relu}
-
-
-def _gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """x[b, index[b, j]] for [b, s, h] activations."""
-    return torch.gather(x, 1, index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
-
-
-def _scatter_rows(base: torch.Tensor, index: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """`base` with rows at `index` replaced by `rows` (out of place, differentiable)."""
-    return base.scatter(1, index.unsqueeze(-1).expand(-1, -1, base.shape[-1]), rows)
 
 
 class BertEmbeddings(nn.Module):
@@ -147,7 +133,7 @@ class BertLayer(nn.Module):
         if query_index is None:
             q_in, residual = full, x
         else:
-            q_in, residual = _gather_rows(full, query_index), _gather_rows(x, query_index_local)
+            q_in, residual = gather_tokens(full, query_index), gather_tokens(x, query_index_local)
         attn = self.attention.self(q_in, full, key_mask)
         a = self.attention.output(attn, residual)
         inter = self.intermediate(tp.enter_tp_region(a, self.ctx))
@@ -175,7 +161,7 @@ class BertEncoder(nn.Module):
         self,
         x: torch.Tensor,
         key_mask: torch.Tensor,
-        routing: "Routing | None" = None,
+        routing: Routing | None = None,
         split_layer: int | None = None,
     ) -> EncoderOutput:
         """Run all layers; with `routing`, the token-dropping schedule around `split_layer`:
@@ -193,7 +179,7 @@ class BertEncoder(nn.Module):
             elif i < last:
                 x = self._run(layer, x, routing.key_mask_kept)
             else:
-                x = self._run(layer, _scatter_rows(split_input, routing.kept_local, x), key_mask)
+                x = self._run(layer, scatter_tokens(split_input, routing.kept_local, x), key_mask)
             if i == last - 1:
                 penultimate = x
         return EncoderOutput(hidden=x, penultimate=penultimate)
@@ -271,7 +257,7 @@ class BertForMaskedLM(nn.Module):
         attention_mask: torch.Tensor,
         labels: torch.Tensor,
         token_type_ids: torch.Tensor | None = None,
-        routing: "Routing | None" = None,
+        routing: Routing | None = None,
         split_layer: int | None = None,
         return_cls: bool = False,
         return_logits: bool = False,

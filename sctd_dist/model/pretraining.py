@@ -1,0 +1,142 @@
+"""The pretraining objective: MLM with token dropping, plus ScTD's consistency term.
+
+`PretrainingModel` is what the DeepSpeed engine wraps. It owns the BERT, the token-importance
+table and the router call, so one `forward(batch, step)` computes the whole loss of a
+micro-batch; the training loop calls `update_importance()` after each optimizer step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from sctd_dist.model.bert import BertForMaskedLM, MLMOutput
+from sctd_dist.model.config import BertModelConfig, TokenDropConfig
+from sctd_dist.model.consistency import consistency_terms
+from sctd_dist.model.importance import TokenImportance
+from sctd_dist.model.router import Routing, num_kept, route
+from sctd_dist.parallel.state import ParallelContext
+
+
+@dataclass(frozen=True)
+class SpecialIds:
+    """Token ids the router pins: always kept ([CLS] [SEP] [MASK] [UNK]) or dropped first ([PAD])."""
+
+    cls: int
+    sep: int
+    mask: int
+    unk: int
+    pad: int
+
+    @property
+    def always_kept(self) -> tuple[int, int, int, int]:
+        return (self.cls, self.sep, self.mask, self.unk)
+
+
+@dataclass
+class StepOutput:
+    """The loss to backpropagate and detached numbers for the metrics."""
+
+    loss: torch.Tensor
+    metrics: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+class PretrainingModel(nn.Module):
+    """BERT MLM pretraining under the `none`, `vanilla` and `sctd` token-dropping modes."""
+
+    def __init__(
+        self,
+        model_config: BertModelConfig,
+        drop_config: TokenDropConfig,
+        special: SpecialIds,
+        ctx: ParallelContext | None = None,
+    ) -> None:
+        super().__init__()
+        ctx = ctx or ParallelContext()
+        self.ctx = ctx
+        self.drop = drop_config
+        self.special = special
+        self.mlm = BertForMaskedLM(model_config, ctx)
+        self.split_layer = (drop_config.resolve_split_layer(model_config.num_hidden_layers)
+                            if drop_config.enabled else None)
+        self.importance = TokenImportance(
+            model_config.vocab_size, high_ids=special.always_kept, pad_id=special.pad,
+            init_value=drop_config.importance_init, beta=drop_config.importance_beta,
+            dp_group=ctx.dp_group if ctx.dp_size > 1 else None,
+        )
+        self.encoder_passes = 0  # counted so tests can see off-steps run one forward
+        self._pending: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def check_seq_length(self, seq_length: int) -> None:
+        """Fail before training when this sequence length cannot be routed at this layout."""
+        self.mlm.config.check_seq_length(seq_length)
+        if self.drop.enabled:
+            num_kept(seq_length, self.drop.keep_ratio, self.ctx.tp_size, self.ctx.sequence_parallel)
+
+    def routing(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> Routing:
+        """Kept positions for this batch; identical on every TP rank (same ids, same table)."""
+        return route(input_ids, attention_mask, self.importance, self.drop.keep_ratio,
+                     tp_size=self.ctx.tp_size, tp_rank=self.ctx.tp_rank,
+                     sequence_parallel=self.ctx.sequence_parallel)
+
+    def _pass(self, batch: dict[str, torch.Tensor], routing: Routing | None, want_cls: bool) -> MLMOutput:
+        self.encoder_passes += 1
+        return self.mlm(batch["input_ids"], batch["attention_mask"], batch["labels"],
+                        batch.get("token_type_ids"), routing=routing,
+                        split_layer=self.split_layer, return_cls=want_cls)
+
+    def forward(self, batch: dict[str, torch.Tensor], step: int = 0) -> StepOutput:
+        """Loss of one micro-batch at optimizer step `step` (training mode)."""
+        if not self.drop.enabled:
+            out = self._pass(batch, None, False)
+            return StepOutput(out.loss, self._metrics(out, out.loss))
+        routing = self.routing(batch["input_ids"], batch["attention_mask"])
+        sctd_step = self.drop.is_sctd_step(step)
+        out = self._pass(batch, routing, sctd_step)
+        if self.training:
+            self._pending.append((out.targets.detach(), out.per_token_loss.detach()))
+        loss = out.loss
+        extra: dict[str, torch.Tensor] = {}
+        if sctd_step:
+            full = self._pass(batch, None, True)
+            kl_local, kl_global = consistency_terms(
+                full.cls_penultimate, full.cls_final, out.cls_penultimate, out.cls_final)
+            loss = loss + self.drop.sctd_weight * (kl_local + kl_global)
+            if self.drop.full_mlm_weight:
+                loss = loss + self.drop.full_mlm_weight * full.loss
+            extra = {"kl_local": kl_local.detach(), "kl_global": kl_global.detach(),
+                     "full_mlm_loss": full.loss.detach()}
+        return StepOutput(loss, {**self._metrics(out, loss), **extra})
+
+    @torch.no_grad()
+    def evaluate(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
+        """Validation always runs with all tokens."""
+        out = self._pass(batch, None, False)
+        n = out.targets.numel()
+        return {"eval_loss": out.loss.item(), "eval_acc": float(out.num_correct) / max(n, 1),
+                "eval_tokens": float(n)}
+
+    def update_importance(self) -> None:
+        """Fold this optimizer step's masked-token losses into the importance table (all ranks)."""
+        if not self.drop.enabled:
+            self._pending.clear()
+            return
+        device = self.importance.scores.device
+        if self._pending:
+            targets = torch.cat([t for t, _ in self._pending]).to(device)
+            losses = torch.cat([l for _, l in self._pending]).to(device)
+        else:  # still join the DP all-reduce
+            targets = torch.zeros(0, dtype=torch.long, device=device)
+            losses = torch.zeros(0, device=device)
+        self._pending.clear()
+        self.importance.update(targets, losses.float())
+
+    @staticmethod
+    def _metrics(out: MLMOutput, loss: torch.Tensor) -> dict[str, torch.Tensor]:
+        # Detached tensors, not floats: no host sync per micro-batch; the loop converts once.
+        n = max(out.targets.numel(), 1)
+        return {"loss": loss.detach(), "mlm_loss": out.loss.detach(),
+                "mlm_acc": out.num_correct.detach() / n,
+                "masked_tokens": torch.tensor(float(out.targets.numel()))}
