@@ -167,6 +167,8 @@ class BertEncoder(nn.Module):
         """Run all layers; with `routing`, the token-dropping schedule around `split_layer`:
         full layers, the split layer (kept queries, all keys), kept-only layers, merge of the
         dropped rows (which keep their split-layer input), and the last layer on all tokens."""
+        if routing is not None and routing.num_kept == routing.seq_length:
+            routing = None  # keeping every token is the plain schedule, bit for bit
         last = len(self.layer) - 1
         penultimate = x
         split_input = None

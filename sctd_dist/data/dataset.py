@@ -1,0 +1,151 @@
+"""Reading a prepared data folder: packed rows, metadata, tokenizer, compatibility checks."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .tokenizer import SpecialTokenIds, check_vocab_loaded, special_token_ids, tokenizer_fingerprint
+
+FORMAT = "sctd-dist-packed"
+FORMAT_VERSION = 1
+METADATA_FILE = "metadata.json"
+TOKENIZER_DIR = "tokenizer"
+SPLITS = ("train", "validation")
+
+
+def read_metadata(data_dir: str | Path) -> dict:
+    """The metadata of a complete prepared folder; ValueError saying how to make one otherwise."""
+    path = Path(data_dir).expanduser() / METADATA_FILE
+    if not path.is_file():
+        raise ValueError(
+            f"{Path(data_dir)} holds no prepared data ({METADATA_FILE} missing; an interrupted run "
+            "leaves none). Run: python -m sctd_dist.data.prepare --input ... --out "
+            f"{Path(data_dir)} --seq-length N (--tokenizer DIR | --train-tokenizer VOCAB)")
+    meta = json.loads(path.read_text())
+    if meta.get("format") != FORMAT or meta.get("version") != FORMAT_VERSION:
+        raise ValueError(f"{path} is not {FORMAT} version {FORMAT_VERSION} data "
+                         f"(found {meta.get('format')} {meta.get('version')}); prepare it again")
+    return meta
+
+
+class PackedDataset:
+    """Fixed-length packed rows of one split, memory-mapped from the shard files.
+
+    `dataset[i]` is an int64 array of `seq_length` token ids ([CLS] ... [SEP], maybe [PAD]s);
+    `get_rows(indices)` reads many rows at once. Picklable (maps are reopened lazily).
+    """
+
+    def __init__(self, data_dir: str | Path, split: str = "train"):
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        self.data_dir = Path(data_dir).expanduser()
+        self.split = split
+        self.metadata = read_metadata(self.data_dir)
+        self.seq_length = int(self.metadata["seq_length"])
+        self.dtype = np.dtype(self.metadata["dtype"])
+        self.vocab_size = int(self.metadata["vocab_size"])
+        self.special_ids = SpecialTokenIds.from_dict(self.metadata["tokenizer"]["special_ids"])
+        shards = self.metadata["splits"][split]["shards"]
+        self._files = [self.data_dir / s["file"] for s in shards]
+        counts = np.array([s["num_sequences"] for s in shards], dtype=np.int64)
+        self._starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        row_bytes = self.seq_length * self.dtype.itemsize
+        for f, n in zip(self._files, counts):
+            if not f.is_file() or f.stat().st_size != n * row_bytes:
+                raise ValueError(f"shard {f} is missing or truncated (expected {n} rows of {row_bytes} "
+                                 f"bytes); prepare {self.data_dir} again")
+        self._maps: list[np.memmap] | None = None
+
+    @property
+    def tokenizer_dir(self) -> Path:
+        return self.data_dir / self.metadata["tokenizer"]["dir"]
+
+    def __len__(self) -> int:
+        return int(self._starts[-1])
+
+    def _open(self) -> list[np.memmap]:
+        if self._maps is None:
+            self._maps = [np.memmap(f, dtype=self.dtype, mode="r", shape=(int(n), self.seq_length))
+                          for f, n in zip(self._files, np.diff(self._starts))]
+        return self._maps
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["_maps"] = None
+        return state
+
+    def __getitem__(self, index: int) -> np.ndarray:
+        n = len(self)
+        i = int(index)
+        if i < 0:
+            i += n
+        if not 0 <= i < n:
+            raise IndexError(f"row {index} out of range for {n} rows ({self.split})")
+        return self.get_rows(np.array([i]))[0]
+
+    def get_rows(self, indices: np.ndarray) -> np.ndarray:
+        """Rows at `indices` (any order, repeats allowed) as an int64 array [len(indices), seq_length]."""
+        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+        if idx.size and (idx.min() < 0 or idx.max() >= len(self)):
+            raise IndexError(f"row indices must lie in [0, {len(self)})")
+        out = np.empty((idx.size, self.seq_length), dtype=np.int64)
+        maps = self._open()
+        shard = np.searchsorted(self._starts, idx, side="right") - 1
+        for s in np.unique(shard):
+            sel = np.nonzero(shard == s)[0]
+            out[sel] = maps[s][idx[sel] - self._starts[s]]
+        return out
+
+
+def load_tokenizer(data_dir: str | Path) -> Any:
+    """The fast transformers tokenizer saved with a prepared folder, checked against its metadata."""
+    from transformers import AutoTokenizer
+
+    meta = read_metadata(data_dir)
+    tok_dir = Path(data_dir).expanduser() / meta["tokenizer"]["dir"]
+    tok = AutoTokenizer.from_pretrained(str(tok_dir))
+    check_vocab_loaded(tok, f"tokenizer in {tok_dir}", tok_dir)
+    if len(tok) != meta["vocab_size"]:
+        raise ValueError(f"tokenizer in {tok_dir} has {len(tok)} tokens, the data {meta['vocab_size']}; "
+                         "the folder was modified: prepare it again")
+    if tokenizer_fingerprint(tok) != meta["tokenizer"]["fingerprint"]:
+        raise ValueError(f"tokenizer in {tok_dir} is not the one the shards were made with; prepare again")
+    return tok
+
+
+def check_compatible(data_dir: str | Path, *, max_position_embeddings: int, tokenizer: Any = None,
+                     vocab_size: int | None = None) -> dict:
+    """Check a prepared folder against a model before training; returns its metadata.
+
+    Raises ValueError (saying what to change) when the rows are longer than the model's position
+    embeddings, when `tokenizer` (a name, a folder or a tokenizer object) is not the one the
+    shards were made with, or when the tokenizer has more ids than the model's `vocab_size`.
+    """
+    meta = read_metadata(data_dir)
+    seq = int(meta["seq_length"])
+    if seq > max_position_embeddings:
+        raise ValueError(
+            f"the data in {data_dir} has sequence length {seq}, more than the model's "
+            f"max_position_embeddings={max_position_embeddings}: raise max_position_embeddings to >= {seq} "
+            f"or prepare the data again with --seq-length <= {max_position_embeddings}")
+    if tokenizer is not None:
+        if isinstance(tokenizer, (str, Path)):
+            from .tokenizer import load_pretrained_tokenizer
+
+            tokenizer = load_pretrained_tokenizer(tokenizer)
+        fp = tokenizer_fingerprint(tokenizer)
+        if fp != meta["tokenizer"]["fingerprint"]:
+            raise ValueError(
+                f"the data in {data_dir} was made with another tokenizer ({meta['tokenizer']['source']}, "
+                f"fingerprint {meta['tokenizer']['fingerprint']}) than the one given (fingerprint {fp}): "
+                f"use the tokenizer saved in {Path(data_dir) / meta['tokenizer']['dir']} or prepare the "
+                "data again with yours")
+        special_token_ids(tokenizer)
+    if vocab_size is not None and meta["vocab_size"] > vocab_size:
+        raise ValueError(f"the tokenizer of {data_dir} has {meta['vocab_size']} ids but the model's vocab_size "
+                         f"is {vocab_size}: set vocab_size >= {meta['vocab_size']}")
+    return meta
