@@ -7,7 +7,13 @@ STAMP := $(VENV)/.installed
 TORCH_CPU_VERSION ?= 2.13.0
 PYTEST_WORKERS ?= 2
 
-.PHONY: setup test clean
+# Demo: ranks = visible GPUs, or 2 CPU processes.
+DEMO_DIR ?= runs/demo
+DEMO_RANKS ?= $(shell n=$$(nvidia-smi -L 2>/dev/null | wc -l); [ "$$n" -gt 0 ] && echo $$n || echo 2)
+DEMO_CONFIG ?= $(shell nvidia-smi -L >/dev/null 2>&1 && echo ds_configs/zero2_bf16.json || echo ds_configs/cpu_tiny.json)
+DEMO_PORT ?= $(shell $(PY) -c "import socket; s=socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])")
+
+.PHONY: setup test demo clean
 
 setup: $(STAMP)
 
@@ -32,6 +38,20 @@ $(STAMP): pyproject.toml
 
 test: setup
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -n $(PYTEST_WORKERS) -q tests
+
+# A real (tiny) ScTD pretraining job on the embedded sample corpus: train, checkpoint, export.
+demo: setup
+	rm -rf $(DEMO_DIR)
+	OMP_NUM_THREADS=1 $(BIN)/deepspeed --num_gpus $(DEMO_RANKS) --master_port $(DEMO_PORT) \
+	  sctd_dist/train.py --deepspeed_config $(DEMO_CONFIG) --model tiny --seq-length 128 \
+	  --token-drop sctd --train-iters 60 --eval-interval 20 --eval-iters 4 \
+	  --save $(DEMO_DIR)/checkpoints --save-interval 20 --log-dir $(DEMO_DIR)/logs
+	$(BIN)/python -m sctd_dist.export --checkpoint $(DEMO_DIR)/checkpoints --out $(DEMO_DIR)/hf
+	@echo
+	@echo "demo done:"
+	@echo "  metrics      $(DEMO_DIR)/logs/metrics.jsonl (TensorBoard: $(DEMO_DIR)/logs/tensorboard)"
+	@echo "  checkpoints  $(DEMO_DIR)/checkpoints (restart: run the same command; it resumes)"
+	@echo "  Hugging Face $(DEMO_DIR)/hf (transformers.BertForMaskedLM.from_pretrained)"
 
 clean:
 	rm -rf $(VENV) build *.egg-info

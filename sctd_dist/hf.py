@@ -62,7 +62,7 @@ def load_hf_state_dict(model: torch.nn.Module, hf_state: Mapping[str, torch.Tens
     """Copy a BertForMaskedLM state dict into our model at its TP size and rank."""
     ctx = model.ctx
     shard = hf_to_shard(hf_state, model.config, ctx.tp_size, ctx.tp_rank)
-    own = {k: v for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
+    own = model.state_dict()
     missing = sorted(set(own) - set(shard))
     unexpected = sorted(set(shard) - set(own))
     if missing or unexpected:
@@ -80,8 +80,6 @@ def merge_shards(
     shards = list(shards)
     merged: dict[str, torch.Tensor] = {}
     for name in shards[0]:
-        if name.endswith("_extra_state"):
-            continue
         dim = shard_dim(name)
         parts = [s[name].detach().cpu() for s in shards]
         t = torch.cat(parts, dim=dim) if dim is not None and len(parts) > 1 else parts[0]
@@ -98,7 +96,7 @@ def gather_hf_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor] | No
     import torch.distributed as dist
 
     ctx = model.ctx
-    local = {k: v.detach().cpu() for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
+    local = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     if ctx.tp_size == 1:
         return merge_shards([local], model.config)
     shards: list | None = [None] * ctx.tp_size if ctx.tp_rank == 0 else None

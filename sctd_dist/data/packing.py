@@ -44,6 +44,8 @@ class SequencePacker:
         self._fill = 0  # body tokens already in that row
         self.num_documents = 0
         self.num_tokens = 0  # document tokens (no [CLS]/[SEP]/[PAD])
+        self.num_rows = 0
+        self.num_separators = 0  # [SEP]s between documents inside a row
 
     def _new_block(self) -> np.ndarray:
         return np.full((self._block_rows, self.seq_length), self._pad, dtype=self._dtype)
@@ -53,6 +55,7 @@ class SequencePacker:
         row[0] = self._cls
         row[1 + self._fill] = self._sep
         self._row += 1
+        self.num_rows += 1
         self._fill = 0
         if self._row == self._block_rows:
             self._blocks.append(self._block)
@@ -70,6 +73,7 @@ class SequencePacker:
             if self._fill <= self._body - 2:  # room for [SEP] and at least one token
                 self._block[self._row, 1 + self._fill] = self._sep
                 self._fill += 1
+                self.num_separators += 1
             else:
                 self._close_row()
         i = 0
@@ -81,6 +85,11 @@ class SequencePacker:
             self._block[self._row, start:start + take] = token_ids[i:i + take]
             self._fill += take
             i += take
+
+    @property
+    def num_padding(self) -> int:
+        """[PAD] slots in the rows closed so far."""
+        return self.num_rows * self.seq_length - self.num_tokens - self.num_separators - 2 * self.num_rows
 
     def finish(self) -> np.ndarray:
         """All rows, shape [num_rows, seq_length]; the packer is empty afterwards."""

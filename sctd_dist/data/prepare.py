@@ -86,7 +86,9 @@ def plan_shards(sources: list[Any], shard_bytes: int = SHARD_TARGET_BYTES) -> li
     """Cut every source into shards of about `shard_bytes` of text (see the module docstring)."""
     lengths = [_text_lengths(s.dataset) for s in sources]
     total = int(sum(int(x.sum()) for x in lengths))
-    target = max(MIN_SHARD_BYTES, min(shard_bytes, math.ceil(total / MIN_PARALLEL_SHARDS)))
+    # Big corpora: `shard_bytes` per shard. Smaller ones: >= MIN_PARALLEL_SHARDS shards, but none
+    # below MIN_SHARD_BYTES unless `shard_bytes` itself asks for less.
+    target = max(1, min(shard_bytes, max(MIN_SHARD_BYTES, math.ceil(total / MIN_PARALLEL_SHARDS))))
     tasks: list[ShardTask] = []
     offset = 0
     for si, lens in enumerate(lengths):
@@ -166,7 +168,8 @@ def _run_shard(task: ShardTask) -> dict:
         _write_atomic(out / name, rows.tobytes())
         record[split] = {"file": name, "num_sequences": int(rows.shape[0]),
                          "num_tokens": int(packers[split].num_tokens),
-                         "num_documents": int(packers[split].num_documents)}
+                         "num_documents": int(packers[split].num_documents),
+                         "num_padding": int(packers[split].num_padding)}
     _write_atomic(_marker_path(out, task.index), json.dumps(record, indent=1).encode())
     return record
 
@@ -455,6 +458,7 @@ def _metadata(out: Path, settings: dict, plan: str, records: dict[int, dict], ta
             "num_sequences": sum(s["num_sequences"] for s in shards),
             "num_tokens": sum(s["num_tokens"] for s in shards),
             "num_documents": sum(s["num_documents"] for s in shards),
+            "num_padding": sum(s["num_padding"] for s in shards),
             "shards": [s for s in shards if s["num_sequences"] > 0],
         }
     if splits["train"]["num_tokens"] == 0:
@@ -463,8 +467,7 @@ def _metadata(out: Path, settings: dict, plan: str, records: dict[int, dict], ta
         raise ValueError(f"empty corpus: the inputs {inputs} hold no text that tokenizes to anything")
     seq = settings["seq_length"]
     for s in splits.values():
-        s["padding_fraction"] = round(
-            1 - (s["num_tokens"] + 2 * s["num_sequences"]) / max(1, s["num_sequences"] * seq), 6)
+        s["padding_fraction"] = round(s["num_padding"] / max(1, s["num_sequences"] * seq), 6)
     return {
         "format": FORMAT,
         "version": FORMAT_VERSION,

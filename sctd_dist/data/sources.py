@@ -89,6 +89,7 @@ def _load_files(files: list[Path], spec: str, text_column: str, text_sample_by: 
     import datasets
 
     groups: dict[str, list[Path]] = {}
+    files = [f for f in files if f.stat().st_size > 0]  # `datasets` cannot build from empty files
     for f in files:
         builder = builder_for(f)
         if builder is None:
@@ -98,8 +99,13 @@ def _load_files(files: list[Path], spec: str, text_column: str, text_sample_by: 
     for builder in sorted(groups):
         group = groups[builder]
         kwargs: dict[str, Any] = {"sample_by": text_sample_by} if builder == "text" else {}
-        ds = datasets.load_dataset(builder, data_files=[str(f) for f in group], split="train",
-                                   cache_dir=cache_dir, **kwargs)
+        try:
+            ds = datasets.load_dataset(builder, data_files=[str(f) for f in group], split="train",
+                                       cache_dir=cache_dir, **kwargs)
+        except Exception as err:  # malformed JSON/parquet and the like: name the files
+            cause = err.__cause__ or err
+            raise ValueError(f"cannot read input {spec} as {builder} ({', '.join(map(str, group[:3]))}"
+                             f"{', ...' if len(group) > 3 else ''}): {cause}") from err
         desc = {"type": builder, "files": _file_stats(group)}
         if builder == "text":
             desc["sample_by"] = text_sample_by

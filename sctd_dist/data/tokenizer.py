@@ -114,6 +114,22 @@ def check_vocab_loaded(tokenizer: Any, name: str, directory: Path | None = None)
                              "the vocabulary file was not read")
 
 
+def _from_bert_vocab(folder: Path) -> Any:
+    """A fast BERT tokenizer from a bare vocab.txt (the original Google BERT release format).
+
+    Passed as a dict: transformers 5 ignores `vocab_file=` and would build an all-[UNK] tokenizer.
+    """
+    from transformers import BertTokenizerFast
+
+    with open(folder / "vocab.txt", encoding="utf-8") as f:
+        tokens = [line.rstrip("\n") for line in f if line.rstrip("\n")]
+    lower = True
+    config = folder / "tokenizer_config.json"
+    if config.is_file():
+        lower = bool(json.loads(config.read_text()).get("do_lower_case", True))
+    return BertTokenizerFast(vocab={t: i for i, t in enumerate(tokens)}, do_lower_case=lower)
+
+
 def load_pretrained_tokenizer(name_or_dir: str | Path, *, local_only: bool = False) -> Any:
     """A fast transformers tokenizer from a folder or a hub name, validated for BERT pretraining."""
     from transformers import AutoTokenizer
@@ -124,7 +140,10 @@ def load_pretrained_tokenizer(name_or_dir: str | Path, *, local_only: bool = Fal
         raise FileNotFoundError(f"tokenizer folder {name_or_dir} does not exist")
     source = str(path) if is_dir else str(name_or_dir)
     try:
-        tok = AutoTokenizer.from_pretrained(source, use_fast=True)
+        if is_dir and not (path / "tokenizer.json").is_file() and (path / "vocab.txt").is_file():
+            tok = _from_bert_vocab(path)
+        else:
+            tok = AutoTokenizer.from_pretrained(source, use_fast=True)
     except OSError as err:
         raise ValueError(f"cannot load tokenizer {name_or_dir!r}: {err}. Pass a local folder "
                          "(save_pretrained output) when offline.") from err

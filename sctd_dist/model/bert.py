@@ -8,7 +8,7 @@ goes through `sctd_dist.parallel.layers`; this file is model math.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -140,8 +140,7 @@ class BertLayer(nn.Module):
         return self.output(inter, a)
 
 
-@dataclass
-class EncoderOutput:
+class EncoderOutput(NamedTuple):
     hidden: torch.Tensor  # final layer, this rank's rows [b, s_local, h]
     penultimate: torch.Tensor  # output of layer L-2 (kept rows when dropping)
 
@@ -212,9 +211,15 @@ class BertLMPredictionHead(nn.Module):
 
     def __init__(self, cfg: BertModelConfig, ctx: ParallelContext) -> None:
         super().__init__()
+        self.ctx = ctx
         self.transform = BertPredictionHeadTransform(cfg)
         self.bias = nn.Parameter(torch.zeros(cfg.padded_vocab_size(ctx.tp_size) // ctx.tp_size))
         tp.mark_tensor_parallel(self.bias)
+
+    def forward(self, h: torch.Tensor, decoder_weight: torch.Tensor) -> torch.Tensor:
+        """Vocab-parallel logits [n, V_padded/tp] of replicated hidden states [n, h]."""
+        h = self.transform(h)
+        return F.linear(tp.copy_to_tensor_parallel(h, self.ctx), decoder_weight, self.bias)
 
 
 class BertOnlyMLMHead(nn.Module):
@@ -223,9 +228,11 @@ class BertOnlyMLMHead(nn.Module):
         self.predictions = BertLMPredictionHead(cfg, ctx)
 
 
-@dataclass
-class MLMOutput:
-    """What one forward pass produces for the objective and the metrics."""
+class MLMOutput(NamedTuple):
+    """What one forward pass produces for the objective and the metrics.
+
+    Module outputs are NamedTuples, not dataclasses: ZeRO-3 finds the tensors of a module's
+    output to hook its backward, and it looks inside tuples, lists and dicts only."""
 
     loss: torch.Tensor  # mean MLM loss over this replica's masked positions
     per_token_loss: torch.Tensor  # [n_masked], detached-safe inputs for the importance update
@@ -247,6 +254,7 @@ class BertForMaskedLM(nn.Module):
         self.ctx = ctx
         self.bert = BertModel(cfg, ctx)
         self.cls = BertOnlyMLMHead(cfg, ctx)
+        tp.share_parameter(self.cls.predictions, self.bert.embeddings.word_embeddings.weight)
         shard = cfg.padded_vocab_size(ctx.tp_size) // ctx.tp_size
         self.vocab_start = ctx.tp_rank * shard
         # Padded vocabulary entries on this shard must never win the softmax.
@@ -274,8 +282,9 @@ class BertForMaskedLM(nn.Module):
         hidden = tp.leave_to_replicated(enc.hidden, self.ctx)
         out = self._mlm(hidden, labels, return_logits)
         if return_cls:
-            out.cls_final = hidden[:, 0]
-            out.cls_penultimate = tp.leave_to_replicated(enc.penultimate, self.ctx)[:, 0]
+            out = out._replace(
+                cls_final=hidden[:, 0],
+                cls_penultimate=tp.leave_to_replicated(enc.penultimate, self.ctx)[:, 0])
         return out
 
     def _mlm(self, hidden: torch.Tensor, labels: torch.Tensor, return_logits: bool) -> MLMOutput:
@@ -284,9 +293,7 @@ class BertForMaskedLM(nn.Module):
         selected = labels.reshape(-1) >= 0
         targets = labels.reshape(-1)[selected]
         h = hidden.reshape(-1, hidden.shape[-1])[selected]
-        h = self.cls.predictions.transform(h)
-        weight = self.bert.embeddings.word_embeddings.weight
-        logits = F.linear(tp.copy_to_tensor_parallel(h, self.ctx), weight, self.cls.predictions.bias)
+        logits = self.cls.predictions(h, self.bert.embeddings.word_embeddings.weight)
         logits = logits.float().masked_fill(self.vocab_padding, torch.finfo(torch.float32).min)
         num_correct = self._num_correct(logits.detach(), targets)
         kept_logits = logits.detach().clone() if return_logits else None

@@ -7,7 +7,8 @@ micro-batch; the training loop calls `update_importance()` after each optimizer 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -35,12 +36,12 @@ class SpecialIds:
         return (self.cls, self.sep, self.mask, self.unk)
 
 
-@dataclass
-class StepOutput:
-    """The loss to backpropagate and detached numbers for the metrics."""
+class StepOutput(NamedTuple):
+    """The loss to backpropagate and detached numbers for the metrics (a NamedTuple, like every
+    module output: see `MLMOutput`)."""
 
     loss: torch.Tensor
-    metrics: dict[str, torch.Tensor] = field(default_factory=dict)
+    metrics: dict[str, torch.Tensor]
 
 
 class PretrainingModel(nn.Module):

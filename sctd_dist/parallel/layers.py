@@ -40,24 +40,42 @@ def normal_init(std: float) -> Callable[[torch.Tensor], torch.Tensor]:
     return lambda w: nn.init.normal_(w, mean=0.0, std=std)
 
 
+def _drop_extra_state(module: nn.Module, state_dict, prefix: str, local_metadata) -> None:
+    # megatron-core layers add an empty `_extra_state` entry (for TransformerEngine); it holds
+    # nothing and trips tools that expect tensors (DeepSpeed's universal-checkpoint converter).
+    state_dict.pop(prefix + "_extra_state", None)
+
+
+def _without_extra_state(module: nn.Module) -> nn.Module:
+    module.register_state_dict_post_hook(_drop_extra_state)
+    return module
+
+
 def column_parallel_linear(in_features: int, out_features: int, ctx: ParallelContext, std: float):
     """Output-sharded linear; the caller routes its input through `enter_tp_region`."""
     from megatron.core.tensor_parallel import ColumnParallelLinear
 
-    return ColumnParallelLinear(
+    return _without_extra_state(ColumnParallelLinear(
         in_features, out_features, config=_mcore_config(ctx), init_method=normal_init(std),
         bias=True, gather_output=False, disable_grad_reduce=True, tp_group=ctx.tp_group,
-    )
+    ))
 
 
 def row_parallel_linear(in_features: int, out_features: int, ctx: ParallelContext, std: float):
     """Input-sharded linear; use `row_parallel_forward` to run it."""
     from megatron.core.tensor_parallel import RowParallelLinear
 
-    return RowParallelLinear(
+    sequence_parallel = ctx.sequence_parallel and ctx.tp_size > 1
+    layer = RowParallelLinear(
         in_features, out_features, config=_mcore_config(ctx), init_method=normal_init(std),
-        bias=True, input_is_parallel=True, skip_bias_add=False, tp_group=ctx.tp_group,
+        bias=True, input_is_parallel=True, skip_bias_add=sequence_parallel, tp_group=ctx.tp_group,
     )
+    if sequence_parallel:
+        # megatron-core's own SP reduce-scatter needs CUDA. `explicit_expert_comm` makes its
+        # forward return the partial sums (the caller communicates), so the layer still runs
+        # through its own forward, which ZeRO-3 needs to gather its weight.
+        layer.explicit_expert_comm = True
+    return _without_extra_state(layer)
 
 
 def vocab_parallel_embedding(num_embeddings: int, dim: int, ctx: ParallelContext, std: float):
@@ -101,10 +119,19 @@ def copy_to_tensor_parallel(x: torch.Tensor, ctx: ParallelContext) -> torch.Tens
 
 def row_parallel_forward(layer: nn.Module, x: torch.Tensor, ctx: ParallelContext) -> torch.Tensor:
     """Run a RowParallelLinear: all-reduce the partial sums, or reduce-scatter them under SP."""
-    if not ctx.sequence_parallel or ctx.tp_size == 1:
-        return layer(x)[0]
-    out = mappings.reduce_scatter_to_sequence(F.linear(x, layer.weight), ctx.tp_group)
-    return out + sequence_parallel_param(layer.bias, ctx)
+    out, bias = layer(x)
+    if bias is None:  # megatron-core reduced and added the bias
+        return out
+    out = mappings.reduce_scatter_to_sequence(out, ctx.tp_group)
+    return out + sequence_parallel_param(bias, ctx)
+
+
+def share_parameter(user: nn.Module, param: nn.Parameter) -> None:
+    """Declare that `user`'s forward reads `param` of another module (a tied weight): ZeRO-3
+    must gather it for that forward too. Without ZeRO-3 this only records the fact."""
+    from deepspeed.runtime.zero.partition_parameters import register_external_parameter
+
+    register_external_parameter(user, param)
 
 
 def sequence_parallel_param(p: torch.Tensor, ctx: ParallelContext) -> torch.Tensor:

@@ -1,0 +1,253 @@
+"""Forward+backward step time of our TP=1 BertForMaskedLM against transformers.BertForMaskedLM.
+
+Same config, same weights (`sctd_dist.hf.load_hf_state_dict`), same batch, side by side: the
+arms run round-robin in one loop (order rotated per repeat) and the median of the repeats is
+reported. One "step" = zero_grad(set_to_none) + forward (loss) + backward, in train mode
+(dropout as configured, default 0.1 like BERT pretraining).
+
+Arms
+  ours         our model; logits and cross-entropy only at the masked (15%) positions
+  hf           transformers.BertForMaskedLM; logits at every position (its design)
+  ours_allpos  our model with a label at *every* position, i.e. the same MLM-head work as HF:
+               isolates the encoder/implementation difference from the "head only at masked
+               positions" saving (disable with --no-allpos)
+
+ratio = median(ours) / median(hf); goal: <= 1.0. A correctness column compares the loss (and
+the gradients) of ours vs HF on the same batch in eval mode (no dropout): fp32 should agree to
+~1e-5.
+
+    python benchmarks/model_step.py --quick          # smoke run (~1 min on 2 CPU cores)
+    python benchmarks/model_step.py                  # full CPU run -> results/model_step.json
+    python benchmarks/model_step.py --device cuda --batch-mult 16
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402  (also puts the repo root on sys.path)
+
+import torch  # noqa: E402
+
+# name -> (layers, hidden, heads, intermediate). "base-w" is BERT-base width with fewer layers
+# (CPU budget); the per-layer and head costs are those of BERT-base.
+MODELS = {
+    "tiny": (4, 128, 2, 512),
+    "base-w": (2, 768, 12, 3072),
+}
+
+# (model, seq, dtype) -> batch size giving a 0.1-2 s fp32/bf16 step on 2 AVX-512 CPU cores.
+DEFAULT_BATCH = {
+    ("tiny", 128, "fp32"): 32, ("tiny", 512, "fp32"): 8,
+    ("base-w", 128, "fp32"): 8, ("base-w", 512, "fp32"): 2,
+    ("tiny", 128, "bf16"): 8, ("tiny", 512, "bf16"): 2,
+    ("base-w", 128, "bf16"): 2, ("base-w", 512, "bf16"): 1,
+}
+QUICK_BATCH = {k: max(1, v // 4) for k, v in DEFAULT_BATCH.items()}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    common.add_common_args(p)
+    p.add_argument("--models", default="tiny,base-w", help="comma list of " + ",".join(MODELS))
+    p.add_argument("--base-layers", type=int, default=MODELS["base-w"][0],
+                   help="layers of the base-width model (default 2 on CPU; 12 = BERT-base)")
+    p.add_argument("--seqs", default="128,512")
+    p.add_argument("--dtypes", default="fp32,bf16")
+    p.add_argument("--bf16-mode", choices=("cast", "autocast"), default="cast",
+                   help="cast: model.to(bfloat16) (what DeepSpeed bf16 does); autocast: fp32 "
+                        "weights under torch.autocast (both arms alike)")
+    p.add_argument("--batch", type=int, default=None, help="batch size for every case")
+    p.add_argument("--batch-mult", type=int, default=1, help="multiply the default batch sizes (GPUs)")
+    p.add_argument("--mask-frac", type=float, default=0.15)
+    p.add_argument("--vocab", type=int, default=30522)
+    p.add_argument("--dropout", type=float, default=None,
+                   help="override hidden and attention dropout (default: config's 0.1)")
+    p.add_argument("--warmup", type=int, default=None)
+    p.add_argument("--repeats", type=int, default=None, help="fp32 repeats (default 7, quick 2)")
+    p.add_argument("--bf16-repeats", type=int, default=None, help="bf16 repeats (default 3, quick 1)")
+    p.add_argument("--no-allpos", action="store_true", help="skip the ours_allpos arm")
+    return p.parse_args(argv)
+
+
+def build_models(name: str, args, ctx, device, dtype_name: str):
+    from transformers import BertForMaskedLM as HFBertForMaskedLM
+
+    from sctd_dist.hf import load_hf_state_dict
+    from sctd_dist.model.bert import BertForMaskedLM
+    from sctd_dist.model.config import BertModelConfig
+
+    layers, hidden, heads, inter = MODELS[name]
+    if name == "base-w":
+        layers = args.base_layers
+    overrides = dict(num_hidden_layers=layers, hidden_size=hidden, num_attention_heads=heads,
+                     intermediate_size=inter, vocab_size=args.vocab)
+    if args.dropout is not None:
+        overrides.update(hidden_dropout_prob=args.dropout, attention_probs_dropout_prob=args.dropout)
+    cfg = BertModelConfig.from_preset("tiny", **overrides)
+    torch.manual_seed(args.seed)
+    hf = HFBertForMaskedLM(cfg.to_hf_config())
+    ours = BertForMaskedLM(cfg, ctx)
+    load_hf_state_dict(ours, hf.state_dict())
+    ours.to(device)
+    hf.to(device)
+    if dtype_name != "fp32" and args.bf16_mode == "cast":
+        ours.to(common.DTYPES[dtype_name])
+        hf.to(common.DTYPES[dtype_name])
+    info = {"model": name, **overrides,
+            "hidden_dropout_prob": cfg.hidden_dropout_prob,
+            "attention_probs_dropout_prob": cfg.attention_probs_dropout_prob,
+            "hf_attn_implementation": getattr(hf.config, "_attn_implementation", None),
+            "params": sum(p.numel() for p in hf.parameters())}
+    return ours, hf, info
+
+
+def autocast_ctx(device, dtype_name, args):
+    if dtype_name == "fp32" or args.bf16_mode == "cast":
+        return torch.autocast(device.type, enabled=False)
+    return torch.autocast(device.type, dtype=common.DTYPES[dtype_name])
+
+
+def make_steps(ours, hf, batch, allpos_labels, device, dtype_name, args):
+    def ours_step(labels=batch["labels"]):
+        ours.zero_grad(set_to_none=True)
+        with autocast_ctx(device, dtype_name, args):
+            out = ours(batch["input_ids"], batch["attention_mask"], labels, batch["token_type_ids"])
+        out.loss.backward()
+        return out.loss
+
+    def hf_step():
+        hf.zero_grad(set_to_none=True)
+        with autocast_ctx(device, dtype_name, args):
+            out = hf(**batch)
+        out.loss.backward()
+        return out.loss
+
+    arms = {"ours": ours_step, "hf": hf_step}
+    if allpos_labels is not None:
+        arms["ours_allpos"] = lambda: ours_step(allpos_labels)
+    return arms
+
+
+def correctness(ours, hf, batch, device, dtype_name, args) -> dict:
+    """Loss and gradient agreement of ours vs HF on one batch, eval mode (no dropout)."""
+    ours.eval()
+    hf.eval()
+    arms = make_steps(ours, hf, batch, None, device, dtype_name, args)
+    loss_ours = arms["ours"]().detach().float().item()
+    g_ours = {n: p.grad.detach().float().clone() for n, p in ours.named_parameters() if p.grad is not None}
+    loss_hf = arms["hf"]().detach().float().item()
+    g_hf = {n: p.grad.detach().float() for n, p in hf.named_parameters() if p.grad is not None}
+    num = den = 0.0
+    for n, g in g_ours.items():
+        ref = g_hf.get(n)
+        if ref is None:
+            continue
+        if g.shape != ref.shape:  # padded vocabulary rows (ours) vs unpadded (HF)
+            g = g[: ref.shape[0]]
+        num += float((g - ref).pow(2).sum())
+        den += float(ref.pow(2).sum())
+    ours.train()
+    hf.train()
+    ours.zero_grad(set_to_none=True)
+    hf.zero_grad(set_to_none=True)
+    return {"loss_ours": loss_ours, "loss_hf": loss_hf, "loss_abs_diff": abs(loss_ours - loss_hf),
+            "loss_rel_diff": abs(loss_ours - loss_hf) / abs(loss_hf),
+            "grad_rel_diff": (num / den) ** 0.5 if den else None}
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    device = common.setup_torch(args)
+    env = common.environment(args, device)
+    ctx = common.init_single_process()
+    warmup = args.warmup if args.warmup is not None else (1 if args.quick else 2)
+    repeats = {"fp32": args.repeats or (2 if args.quick else 7),
+               "bf16": args.bf16_repeats or (1 if args.quick else 3)}
+    repeats["fp16"] = repeats["bf16"]
+    models = [m for m in args.models.split(",") if m]
+    seqs = [int(s) for s in args.seqs.split(",") if s]
+    dtypes = [d for d in args.dtypes.split(",") if d]
+    table = QUICK_BATCH if args.quick else DEFAULT_BATCH
+
+    print(f"# model_step: {env['device']} | threads {env['threads']} | torch {env['torch']}", flush=True)
+    cases = []
+    t_start = time.perf_counter()
+    for dtype_name in dtypes:
+        for name in models:
+            ours, hf, minfo = build_models(name, args, ctx, device, dtype_name)
+            for seq in seqs:
+                bsz = args.batch or table.get((name, seq, dtype_name), 1) * args.batch_mult
+                batch = common.mlm_batch(bsz, seq, args.vocab, args.mask_frac, device, args.seed + seq)
+                allpos = None
+                if not args.no_allpos:
+                    allpos = batch["labels"].clone()
+                    unl = allpos < 0
+                    allpos[unl] = batch["input_ids"][unl]  # a target at every position
+                check = correctness(ours, hf, batch, device, dtype_name, args)
+                arms = make_steps(ours, hf, batch, allpos, device, dtype_name, args)
+                t0 = time.perf_counter()
+                cpu: dict[str, list[float]] = {}
+                load0 = common.loadavg()
+                raw = common.interleaved(arms, warmup, repeats[dtype_name], device, cpu)
+                med = {k: common.median(v) for k, v in raw.items()}
+                mins = {k: min(v) for k, v in raw.items()}
+                cpu_med = {k: common.median(v) for k, v in cpu.items()}
+                case = {
+                    "model": name, "seq": seq, "dtype": dtype_name, "batch": bsz,
+                    "masked_per_seq": int((batch["labels"][0] >= 0).sum()),
+                    "config": minfo, "warmup": warmup, "repeats": repeats[dtype_name],
+                    "bf16_mode": args.bf16_mode if dtype_name != "fp32" else None,
+                    "times_s": raw, "median_s": med, "min_s": mins,
+                    "cpu_times_s": cpu, "cpu_median_s": cpu_med,
+                    "spread": {k: common.spread(v) for k, v in raw.items()},
+                    "loadavg_before_after": [load0, common.loadavg()],
+                    "tokens_per_s": {k: bsz * seq / v for k, v in med.items()},
+                    "ratio_ours_over_hf": med["ours"] / med["hf"],
+                    "ratio_allpos_over_hf": med["ours_allpos"] / med["hf"] if allpos is not None else None,
+                    "ratio_ours_over_hf_min": mins["ours"] / mins["hf"],
+                    "ratio_ours_over_hf_cpu": cpu_med["ours"] / cpu_med["hf"],
+                    "goal_met": med["ours"] / med["hf"] <= 1.0,
+                    "correctness_eval_mode": check,
+                    "case_wall_s": time.perf_counter() - t0,
+                }
+                cases.append(case)
+                print(f"  {name:6s} s={seq:<4d} {dtype_name} b={bsz:<3d} ours {med['ours']:.3f}s "
+                      f"hf {med['hf']:.3f}s ratio {case['ratio_ours_over_hf']:.3f} "
+                      f"(min {case['ratio_ours_over_hf_min']:.3f}, cpu {case['ratio_ours_over_hf_cpu']:.3f})"
+                      + (f" allpos/hf {case['ratio_allpos_over_hf']:.3f}" if allpos is not None else "")
+                      + f" | loss diff {check['loss_abs_diff']:.2e} grad rel {check['grad_rel_diff']:.2e}",
+                      flush=True)
+            del ours, hf
+
+    headers = ["model", "layers", "seq", "dtype", "batch", "ours s", "HF s", "ours/HF",
+               "ours/HF (min)", "ours/HF (cpu)", "ours_allpos/HF", "goal <=1.0", "|loss diff|",
+               "grad rel diff"]
+    rows = [[c["model"], c["config"]["num_hidden_layers"], c["seq"], c["dtype"], c["batch"],
+             c["median_s"]["ours"], c["median_s"]["hf"], c["ratio_ours_over_hf"],
+             c["ratio_ours_over_hf_min"], c["ratio_ours_over_hf_cpu"],
+             c["ratio_allpos_over_hf"] if c["ratio_allpos_over_hf"] is not None else "-",
+             "yes" if c["goal_met"] else "NO",
+             f"{c['correctness_eval_mode']['loss_abs_diff']:.1e}",
+             f"{c['correctness_eval_mode']['grad_rel_diff']:.1e}"] for c in cases]
+    md = common.markdown_table(headers, rows)
+    wall = time.perf_counter() - t_start
+    print()
+    print(md)
+    print(f"\nwall time {wall:.0f} s")
+    payload = {"benchmark": "model_step", "environment": env,
+               "settings": {k: v for k, v in vars(args).items()},
+               "step": "zero_grad + forward(loss) + backward, train mode",
+               "wall_s": wall, "cases": cases, "markdown": md}
+    path = common.write_json(args, "model_step", payload)
+    if path:
+        print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

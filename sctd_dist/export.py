@@ -1,0 +1,95 @@
+"""`python -m sctd_dist.export --checkpoint DIR [--tag T] --out HF_DIR`
+
+Consolidates a training checkpoint (any ZeRO stage, any TP size) into a Hugging Face
+`BertForMaskedLM` folder (safetensors + config + tokenizer) that loads with no custom code.
+
+ZeRO-3 and TP>1 shards are merged by reading DeepSpeed's fp32 master weights per data-parallel
+partition (DeepSpeed's own zero_to_fp32 cannot merge TP shards), so this runs in one process on
+a CPU, without the job's GPUs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from sctd_dist import checkpoint
+from sctd_dist.hf import merge_shards, save_hf
+from sctd_dist.model.config import BertModelConfig
+
+_PREFIX = "mlm."  # the BERT inside PretrainingModel
+
+
+def _tp_rank_state(folder: Path, tp_rank: int, zero_stage: int) -> dict[str, torch.Tensor]:
+    """fp32 weights of one TP rank, merged over its data-parallel ZeRO partitions."""
+    mp = f"mp_rank_{tp_rank:02d}"
+    if zero_stage == 0:  # no partitions: the module state is whole in the model-states file
+        state = torch.load(folder / f"{mp}_model_states.pt", map_location="cpu", weights_only=False)["module"]
+    else:
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        # DeepSpeed's reader only knows model-parallel rank 0: show it this rank's files under
+        # rank-0 names, in a temporary folder of links.
+        with tempfile.TemporaryDirectory(dir=folder.parent) as tmp:
+            view = Path(tmp) / folder.name
+            view.mkdir()
+            for f in folder.iterdir():
+                if f.is_file() and mp in f.name:
+                    (view / f.name.replace(mp, "mp_rank_00")).symlink_to(f.resolve())
+            state = get_fp32_state_dict_from_zero_checkpoint(tmp, tag=folder.name)
+    return {k[len(_PREFIX):]: v.float() for k, v in state.items() if k.startswith(_PREFIX)}
+
+
+def consolidate(checkpoint_dir: Path, tag: str | None = None) -> tuple[dict[str, torch.Tensor], BertModelConfig, dict]:
+    """(Hugging Face state dict, model config, run record) of a checkpoint."""
+    checkpoint_dir = Path(checkpoint_dir)
+    tag = tag or checkpoint.latest_tag(checkpoint_dir)
+    if tag is None:
+        raise ValueError(f"no complete checkpoint in {checkpoint_dir} (no 'latest' pointer); pass --tag")
+    folder = checkpoint_dir / tag
+    if not (folder / checkpoint.RUN_FILE).is_file():
+        raise ValueError(f"{folder} is not a complete sctd-dist checkpoint")
+    run = checkpoint.read_run(checkpoint_dir, tag)
+    cfg = BertModelConfig(**run["model"])
+    tp = run["tensor_model_parallel_size"]
+    shards = [_tp_rank_state(folder, r, run["zero_stage"]) for r in range(tp)]
+    return merge_shards(shards, cfg), cfg, run
+
+
+def export(checkpoint_dir: Path, out: Path, tag: str | None = None) -> Path:
+    """Write the Hugging Face folder; the tokenizer comes from the run's data folder."""
+    state, cfg, run = consolidate(checkpoint_dir, tag)
+    tokenizer = None
+    data_path = run.get("data_path")
+    if data_path and Path(data_path).is_dir():
+        from sctd_dist.data.dataset import load_tokenizer
+
+        tokenizer = load_tokenizer(data_path)
+    out = save_hf(state, cfg, out, tokenizer)
+    (out / "sctd_run.json").write_text(json.dumps(run, indent=2, sort_keys=True))
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="sctd_dist.export", description=__doc__.split("\n\n")[1])
+    p.add_argument("--checkpoint", type=Path, required=True, help="the --save folder of a run")
+    p.add_argument("--tag", help="checkpoint tag (default: the newest complete one)")
+    p.add_argument("--out", type=Path, required=True)
+    a = p.parse_args(argv)
+    try:
+        out = export(a.checkpoint, a.out, a.tag)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"exported Hugging Face BertForMaskedLM to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

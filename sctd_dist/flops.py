@@ -1,0 +1,56 @@
+"""Model FLOPs of a training step, following the token-dropping layer schedule.
+
+Counts matrix multiplications only (2 FLOPs per multiply-add; backward = 2x forward), which is
+the convention behind published model-FLOPs-utilisation numbers.
+"""
+
+from __future__ import annotations
+
+from sctd_dist.model.config import BertModelConfig, TokenDropConfig
+
+# Dense bf16 tensor-core peaks (TFLOP/s) for the MFU column; unknown devices get no MFU.
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0}
+
+
+def layer_forward_flops(queries: int, keys: int, h: int, f: int) -> float:
+    """One encoder layer with `queries` query rows attending over `keys` rows."""
+    projections = 2 * queries * h * h * 2 + 2 * keys * h * h * 2  # Q, out; K, V
+    attention = 2 * queries * keys * h * 2  # scores and weighted sum
+    mlp = 2 * queries * h * f * 2
+    return float(projections + attention + mlp)
+
+
+def sequence_forward_flops(cfg: BertModelConfig, seq: int, masked: float,
+                           kept: int | None = None, split_layer: int | None = None) -> float:
+    """Forward FLOPs for one sequence of `seq` tokens with `masked` predicted positions."""
+    h, f, n = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers
+    total = 0.0
+    for i in range(n):
+        if kept is None or i < split_layer or i == n - 1:
+            total += layer_forward_flops(seq, seq, h, f)
+        elif i == split_layer:
+            total += layer_forward_flops(kept, seq, h, f)
+        else:
+            total += layer_forward_flops(kept, kept, h, f)
+    total += 2 * masked * (h * h + h * cfg.vocab_size)  # MLM head at masked positions only
+    return total
+
+
+def step_flops_per_sequence(cfg: BertModelConfig, drop: TokenDropConfig, seq: int, masked: float,
+                            step: int, kept: int | None) -> float:
+    """Training FLOPs (forward + backward) per sequence at optimizer step `step`."""
+    if not drop.enabled:
+        return 3 * sequence_forward_flops(cfg, seq, masked)
+    split = drop.resolve_split_layer(cfg.num_hidden_layers)
+    flops = 3 * sequence_forward_flops(cfg, seq, masked, kept, split)
+    if drop.is_sctd_step(step):
+        flops += 3 * sequence_forward_flops(cfg, seq, masked)  # the full-token pass
+    return flops
+
+
+def peak_tflops(device_name: str) -> float | None:
+    """The dense bf16 peak of a known GPU, matched by name; None when unknown (e.g. CPUs)."""
+    for key, value in PEAK_TFLOPS.items():
+        if key in device_name:
+            return value
+    return None

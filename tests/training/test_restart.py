@@ -1,0 +1,125 @@
+"""Exact restart from ZeRO checkpoints, kills at any moment, preemption and resharding.
+
+Every job here is the real entry point under torchrun with 2 CPU ranks (gloo), the tiny model
+and ScTD token dropping, in fp32 so restarted losses must equal uninterrupted ones exactly.
+"""
+
+from __future__ import annotations
+
+import shutil
+import signal
+
+import pytest
+
+from sctd_dist import checkpoint
+from tests.training import launch
+from tests.training.conftest import SEQ
+
+STEPS = 12
+LAYOUTS = {"tp1dp2": ["--tensor-model-parallel-size", "1"],
+           "tp2dp1": ["--tensor-model-parallel-size", "2", "--sequence-parallel"]}
+STAGES = {1: "zero1_bf16.json", 2: "zero2_bf16.json", 3: "zero3_bf16.json"}
+
+
+def job_args(tmp, data_dir, stage: int, layout: str, name: str, *extra: str) -> list[str]:
+    config = launch.fp32_config(STAGES[stage], tmp / f"zero{stage}_fp32.json")
+    return ["--deepspeed_config", str(config), "--data-path", str(data_dir), "--seq-length", str(SEQ),
+            "--token-drop", "sctd", "--sctd-interval", "4", "--train-iters", str(STEPS),
+            "--global-batch-size", "8", "--micro-batch-size", "2", "--eval-interval", str(STEPS),
+            "--eval-iters", "2", "--save", str(tmp / name / "ckpt"), "--log-dir", str(tmp / name / "logs"),
+            "--no-progress", *LAYOUTS[layout], *extra]
+
+
+@pytest.fixture(scope="module")
+def straight_runs(tmp_path_factory, data_dir):
+    """Uninterrupted 12-step runs (checkpoints at 6 and 12), built on first use per case."""
+    cache: dict = {}
+
+    def get(stage: int, layout: str):
+        if (stage, layout) not in cache:
+            tmp = tmp_path_factory.mktemp(f"z{stage}{layout}")
+            launch.train(2, *job_args(tmp, data_dir, stage, layout, "straight", "--save-interval", "6"))
+            cache[(stage, layout)] = tmp
+        return cache[(stage, layout)]
+
+    return get
+
+
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+@pytest.mark.parametrize("stage", sorted(STAGES))
+def test_restart_from_step_6_equals_uninterrupted(straight_runs, data_dir, stage, layout):
+    tmp = straight_runs(stage, layout)
+    ref = launch.losses(tmp / "straight" / "logs")
+    assert sorted(ref) == list(range(STEPS))
+    # The job as it stood after its step-6 checkpoint: a copy with `latest` rolled back.
+    resumed = tmp / "resumed"
+    shutil.copytree(tmp / "straight" / "ckpt" / "global_step6", resumed / "ckpt" / "global_step6")
+    (resumed / "ckpt" / checkpoint.LATEST).write_text("global_step6")
+    launch.train(2, *job_args(tmp, data_dir, stage, layout, "resumed", "--save-interval", "6"))
+    got = launch.losses(resumed / "logs")
+    assert sorted(got) == list(range(6, STEPS))  # resumed at 6, not from the start
+    assert all(got[s] == ref[s] for s in got), {s: (got[s], ref[s]) for s in got}
+    assert launch.events(resumed / "logs", "resume")[0]["consumed_samples"] == 6 * 8
+
+
+def test_sigkill_then_restart_continues_exactly(straight_runs, data_dir, tmp_path):
+    ref = launch.losses(straight_runs(2, "tp1dp2") / "straight" / "logs")
+    args = job_args(tmp_path, data_dir, 2, "tp1dp2", "killed", "--save-interval", "6")
+    proc = launch.start(2, *args)
+    latest = tmp_path / "killed" / "ckpt" / checkpoint.LATEST
+    launch.wait_for(lambda: latest.is_file() and latest.read_text() == "global_step6", proc)
+    launch.kill(proc, signal.SIGKILL)
+    proc.wait()
+    launch.train(2, *args)
+    got = launch.losses(tmp_path / "killed" / "logs")
+    assert sorted(got) == list(range(STEPS))
+    assert got == ref
+
+
+def test_kill_during_save_keeps_the_previous_checkpoint(data_dir, tmp_path):
+    args = job_args(tmp_path, data_dir, 2, "tp1dp2", "job", "--save-interval", "2")
+    proc = launch.start(2, *args)
+    ckpt = tmp_path / "job" / "ckpt"
+    latest = ckpt / checkpoint.LATEST
+    # Kill as soon as the step-4 folder appears: its files are being written, `latest` says 2.
+    launch.wait_for(lambda: (ckpt / "global_step4").is_dir(), proc)
+    launch.kill(proc, signal.SIGKILL)
+    proc.wait()
+    assert latest.read_text() in ("global_step2", "global_step4")
+    if latest.read_text() == "global_step4":  # the kill came after the save completed
+        assert (ckpt / "global_step4" / checkpoint.RUN_FILE).is_file()
+    launch.train(2, *args)
+    resumes = launch.events(tmp_path / "job" / "logs", "resume")
+    assert resumes and resumes[0]["step"] in (2, 4)
+    assert sorted(launch.losses(tmp_path / "job" / "logs")) == list(range(STEPS))
+
+
+def test_sigterm_saves_at_the_step_boundary_and_exits_zero(data_dir, tmp_path):
+    args = job_args(tmp_path, data_dir, 1, "tp1dp2", "job", "--train-iters", "400")
+    proc = launch.start(2, *args)
+    log = tmp_path / "job" / "logs" / "metrics.jsonl"
+    launch.wait_for(lambda: log.is_file() and log.read_text().count('"loss"') >= 3, proc)
+    launch.kill(proc, signal.SIGTERM)
+    assert proc.wait(timeout=120) == 0
+    pre = launch.events(tmp_path / "job" / "logs", "preempted")
+    assert pre and pre[0]["saved"]
+    step = pre[0]["step"]
+    assert (tmp_path / "job" / "ckpt" / checkpoint.LATEST).read_text() == checkpoint.tag_for(step)
+    assert step < 400
+
+
+def test_resume_on_a_different_data_parallel_size(straight_runs, data_dir, tmp_path):
+    """Saved at DP=2, resumed at DP=1 through DeepSpeed's universal checkpoint (ZeRO-2)."""
+    src = straight_runs(2, "tp1dp2")
+    ref = launch.losses(src / "straight" / "logs")
+    shutil.copytree(src / "straight" / "ckpt" / "global_step6", tmp_path / "one" / "ckpt" / "global_step6")
+    (tmp_path / "one" / "ckpt" / checkpoint.LATEST).write_text("global_step6")
+    launch.train(1, *job_args(tmp_path, data_dir, 2, "tp1dp2", "one", "--save-interval", "6"))
+    got = launch.losses(tmp_path / "one" / "logs")
+    resume = launch.events(tmp_path / "one" / "logs", "resume")[0]
+    assert resume["consumed_samples"] == 48 and resume["dp_size"] == 1
+    assert sorted(got) == list(range(6, STEPS))
+    # Same global batches, same weights and Adam moments: the curve continues (the reduction
+    # order differs between one and two ranks, so not bit for bit).
+    for s in got:
+        assert abs(got[s] - ref[s]) < 2e-3 * abs(ref[s]), (s, got[s], ref[s])
