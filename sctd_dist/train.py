@@ -29,9 +29,8 @@ from sctd_dist.parallel import MegatronMPU, ParallelContext, check_tp_size, init
 from sctd_dist.parallel.launch_env import discover
 
 
-def prepare_ds_config(cfg: TrainConfig, dp_size: int, device_type: str) -> dict[str, Any]:
+def prepare_ds_config(cfg: TrainConfig, ds: dict[str, Any], dp_size: int, device_type: str) -> dict[str, Any]:
     """The DeepSpeed JSON, with CLI overrides and the run length applied, checked by DeepSpeed."""
-    ds = load_ds_config(cfg.deepspeed_config)
     check_device_support(ds, device_type)
     ds = resolve_batch_sizes(ds, dp_size, micro_batch=cfg.micro_batch_size,
                              global_batch=cfg.global_batch_size)
@@ -124,9 +123,10 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     model_cfg.check_tensor_parallel(cfg.tensor_model_parallel_size)
     model_cfg.check_seq_length(cfg.seq_length)
     check_tp_size(cfg.tensor_model_parallel_size, discover().world_size)
+    ds_file = load_ds_config(cfg.deepspeed_config)  # removed keys fail here, before any group
     ctx = initialize(cfg.tensor_model_parallel_size, sequence_parallel=cfg.sequence_parallel,
                      seed=cfg.seed)
-    ds = prepare_ds_config(cfg, ctx.dp_size, ctx.device.type)
+    ds = prepare_ds_config(cfg, ds_file, ctx.dp_size, ctx.device.type)
     data_dir, train_set, loader, valid_loader = build_data(cfg, model_cfg, ctx, ds)
     if model_cfg.vocab_size != train_set.vocab_size and cfg.model_config is None and cfg.init_hf is None:
         # The presets take their vocabulary from the data's tokenizer.

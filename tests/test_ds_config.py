@@ -413,20 +413,8 @@ def _train_rank(rank: int, world_size: int, cases: list[tuple[str, int, int]]) -
         try:
             results[name] = _train_one(rank, ctx, name, micro, global_batch)
         except Exception:  # keep going: the test reports every failing config at once
-            results[name] = {"error": traceback.format_exc(),
-                             "dataclass_outputs": _model_returns_dataclasses()}
+            results[name] = {"error": traceback.format_exc()}
     return results
-
-
-def _model_returns_dataclasses() -> bool:
-    """Whether our modules return dataclasses, whose tensors ZeRO-3's module hooks cannot see."""
-    import dataclasses
-
-    from sctd_dist.model import bert, pretraining
-
-    outputs = [getattr(bert, "EncoderOutput", None), getattr(bert, "MLMOutput", None),
-               getattr(pretraining, "StepOutput", None)]
-    return any(c is not None and dataclasses.is_dataclass(c) for c in outputs)
 
 
 # (micro batch, global batch) at DP=2: fp32 cases also accumulate 2 micro-batches; bf16 (~20x slower
@@ -488,12 +476,6 @@ def test_config_trains_three_steps_with_a_real_engine(trained, path: Path):
     per_rank = [r[name] for r in trained]
     for rank, r in enumerate(per_rank):
         if "error" in r:
-            if "active_backward_submodules is empty" in r["error"] and r["dataclass_outputs"]:
-                # DeepSpeed's ZeRO-3 hooks only see tensors in tuples/lists/dicts/namedtuples;
-                # our modules return dataclasses (EncoderOutput, MLMOutput, StepOutput), so the
-                # pre-backward hook never fires. Fixed in the model code, not in the config.
-                pytest.xfail("ZeRO-3 needs module outputs DeepSpeed can walk (NamedTuple, not "
-                             "dataclass) in sctd_dist/model")
             pytest.fail(f"{name} on rank {rank}:\n{r['error']}")
     for rank, r in enumerate(per_rank):
         where = f"{name}, rank {rank}"

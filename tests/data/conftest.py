@@ -1,26 +1,11 @@
-"""Shared fixtures for the data-pipeline tests: offline, small corpora, one prepared folder."""
+"""Shared fixtures for the data-pipeline tests: small corpora, one prepared folder (offline:
+see tests/conftest.py)."""
 
 from __future__ import annotations
 
-import os
-import sys
+from pathlib import Path
 
-# Nothing in these tests may reach a model or dataset hub.
-os.environ["HF_HUB_OFFLINE"] = "1"
-os.environ["HF_DATASETS_OFFLINE"] = "1"
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-if "huggingface_hub" in sys.modules:  # imported earlier by another test package: flip it too
-    import huggingface_hub.constants
-
-    huggingface_hub.constants.HF_HUB_OFFLINE = True
-if "datasets" in sys.modules:
-    import datasets.config
-
-    datasets.config.HF_HUB_OFFLINE = True
-
-from pathlib import Path  # noqa: E402
-
-import pytest  # noqa: E402
+import pytest
 
 SEQ = 64
 

@@ -13,7 +13,7 @@ import pytest
 
 from sctd_dist import checkpoint
 from tests.training import launch
-from tests.training.conftest import SEQ
+from tests.conftest import SEQ
 
 STEPS = 12
 LAYOUTS = {"tp1dp2": ["--tensor-model-parallel-size", "1"],

@@ -1,0 +1,48 @@
+"""A TP=2, ZeRO-3 checkpoint exports to a Hugging Face folder that computes our eval loss."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from tests.training import launch
+
+from tests.conftest import SEQ
+EVAL_ITERS = 3
+
+
+def test_export_reproduces_our_evaluation_loss(data_dir, tmp_path):
+    from transformers import AutoTokenizer, BertForMaskedLM
+
+    from sctd_dist.data.dataset import PackedDataset
+    from sctd_dist.data.loader import ValidationDataLoader
+    from sctd_dist.export import main as export_main
+
+    config = launch.fp32_config("zero3_bf16.json", tmp_path / "zero3_fp32.json")
+    launch.train(2, "--deepspeed_config", str(config), "--data-path", str(data_dir),
+                 "--seq-length", str(SEQ), "--tensor-model-parallel-size", "2", "--token-drop", "sctd",
+                 "--train-iters", "4", "--global-batch-size", "4", "--micro-batch-size", "2",
+                 "--eval-interval", "4", "--eval-iters", str(EVAL_ITERS), "--save",
+                 str(tmp_path / "ckpt"), "--log-dir", str(tmp_path / "logs"), "--no-progress")
+    ours = [json.loads(l) for l in (tmp_path / "logs" / "metrics.jsonl").read_text().splitlines()]
+    eval_loss = [r["eval_loss"] for r in ours if "eval_loss" in r and "event" not in r][-1]
+
+    assert export_main(["--checkpoint", str(tmp_path / "ckpt"), "--out", str(tmp_path / "hf")]) == 0
+    model = BertForMaskedLM.from_pretrained(tmp_path / "hf").eval()
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "hf")
+    assert len(tokenizer) == model.config.vocab_size
+
+    # The same validation batches our evaluation used (one data-parallel rank at TP=2).
+    loader = ValidationDataLoader(PackedDataset(data_dir, "validation"), micro_batch_size=2,
+                                  dp_rank=0, dp_size=1, seed=1234)
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for i in range(EVAL_ITERS):
+            batch = loader.batch(i)
+            n = int((batch["labels"] >= 0).sum())
+            out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                        token_type_ids=batch["token_type_ids"], labels=batch["labels"])
+            total += out.loss.item() * n
+            count += n
+    assert abs(total / count - eval_loss) <= 1e-5 * max(1.0, abs(eval_loss))
