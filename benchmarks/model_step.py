@@ -42,9 +42,9 @@ MODELS = {
 
 # (model, seq, dtype) -> batch size giving a 0.1-2 s fp32/bf16 step on 2 AVX-512 CPU cores.
 DEFAULT_BATCH = {
-    ("tiny", 128, "fp32"): 32, ("tiny", 512, "fp32"): 8,
-    ("base-w", 128, "fp32"): 8, ("base-w", 512, "fp32"): 2,
-    ("tiny", 128, "bf16"): 8, ("tiny", 512, "bf16"): 2,
+    ("tiny", 128, "fp32"): 16, ("tiny", 512, "fp32"): 4,
+    ("base-w", 128, "fp32"): 4, ("base-w", 512, "fp32"): 1,
+    ("tiny", 128, "bf16"): 4, ("tiny", 512, "bf16"): 1,
     ("base-w", 128, "bf16"): 2, ("base-w", 512, "bf16"): 1,
 }
 QUICK_BATCH = {k: max(1, v // 4) for k, v in DEFAULT_BATCH.items()}

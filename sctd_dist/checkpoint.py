@@ -24,6 +24,9 @@ from sctd_dist.parallel.random import SHARDED_RNG
 
 LATEST = "latest"
 RUN_FILE = "sctd_run.json"
+# Replicated training state that is not a parameter (the token-importance table). DeepSpeed saves
+# module buffers too, but its universal-checkpoint path does not load them back.
+STATE_FILE = "sctd_state.pt"
 # Fields that fix parameter shapes: a checkpoint only loads into the same values.
 SHAPE_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
                 "intermediate_size", "max_position_embeddings", "type_vocab_size")
@@ -92,8 +95,11 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def save(engine, save_dir: Path, step: int, run: dict[str, Any], keep_last: int | None = None) -> Path:
-    """Save a complete checkpoint of optimizer step `step`; move `latest` only once it is whole."""
+def save(engine, save_dir: Path, step: int, run: dict[str, Any], state: dict[str, Any],
+         keep_last: int | None = None) -> Path:
+    """Save a complete checkpoint of optimizer step `step`; move `latest` only once it is whole.
+
+    `state`: replicated non-parameter state (identical on every rank; rank 0 writes it)."""
     save_dir = Path(save_dir)
     tag = tag_for(step)
     folder = save_dir / tag
@@ -102,6 +108,8 @@ def save(engine, save_dir: Path, step: int, run: dict[str, Any], keep_last: int 
     _barrier()
     engine.save_checkpoint(str(save_dir), tag=tag, client_state={"sctd_run": run}, save_latest=False)
     torch.save(rng_state(), folder / f"rng_rank{_rank()}.pt")
+    if _rank() == 0:
+        torch.save(state, folder / STATE_FILE)
     _barrier()  # every rank's files are on disk
     if _rank() == 0:
         atomic_write_text(folder / RUN_FILE, json.dumps(run, indent=2, sort_keys=True))
@@ -148,6 +156,7 @@ class ResumePlan:
     """Which checkpoint a restart loads, and how."""
 
     tag: str  # the folder DeepSpeed loads (a converted universal copy when resharding)
+    source_tag: str  # the checkpoint as saved
     saved: dict[str, Any]  # the run record of the checkpoint
     universal: bool  # ZeRO shards are re-partitioned for a new data-parallel size
 
@@ -160,9 +169,8 @@ def plan_resume(load_dir: Path | None, current: dict[str, Any]) -> ResumePlan | 
     saved = read_run(load_dir, tag)
     check_compatible(saved, current)
     universal = saved["world_size"] != current["world_size"] and saved["zero_stage"] > 0
-    if universal:
-        tag = to_universal(Path(load_dir), tag)
-    return ResumePlan(tag=tag, saved=saved, universal=universal)
+    load_tag = to_universal(Path(load_dir), tag) if universal else tag
+    return ResumePlan(tag=load_tag, source_tag=tag, saved=saved, universal=universal)
 
 
 def to_universal(load_dir: Path, tag: str) -> str:
@@ -189,14 +197,18 @@ def to_universal(load_dir: Path, tag: str) -> str:
     return target
 
 
-def load(engine, load_dir: Path, plan: ResumePlan) -> dict[str, Any]:
+def load(engine, load_dir: Path, plan: ResumePlan) -> tuple[dict[str, Any], dict[str, Any]]:
     """Load the planned checkpoint into `engine`; restore this rank's RNG when the layout is
-    unchanged (otherwise the seeds of the new layout stay). Returns the saved run record."""
+    unchanged (otherwise the seeds of the new layout stay).
+
+    Returns (the saved run record, the replicated state given to `save`)."""
     path, _ = engine.load_checkpoint(str(load_dir), tag=plan.tag, load_module_strict=True,
                                      load_optimizer_states=True, load_lr_scheduler_states=True)
     if path is None:
         raise RuntimeError(f"DeepSpeed could not load checkpoint {plan.tag} from {load_dir}")
-    rng_file = Path(load_dir) / plan.tag / f"rng_rank{_rank()}.pt"
+    source = Path(load_dir) / plan.source_tag
+    rng_file = source / f"rng_rank{_rank()}.pt"
     if not plan.universal and rng_file.is_file():
         set_rng_state(torch.load(rng_file, weights_only=False))
-    return plan.saved
+    state = torch.load(source / STATE_FILE, map_location="cpu", weights_only=False)
+    return plan.saved, state

@@ -152,7 +152,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
 
     step, consumed = 0, 0
     if plan is not None:
-        saved = checkpoint.load(engine, cfg.load_dir, plan)
+        saved, state = checkpoint.load(engine, cfg.load_dir, plan)
+        model.importance.load_state_dict(state["importance"])
         step, consumed = saved["step"], saved["consumed_samples"]
     tag = None if plan is None else plan.tag
     loader.consumed_samples = consumed
@@ -191,7 +192,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         if due:
             checkpoint.save(engine, cfg.save, step,
                             run_record(cfg, model_cfg, ctx, ds, step, consumed, data_dir),
-                            keep_last=cfg.keep_last)
+                            {"importance": model.importance.state_dict()}, keep_last=cfg.keep_last)
             last_saved = step
             logger.event("checkpoint", step=step, path=str(Path(cfg.save) / checkpoint.tag_for(step)))
         if stop:

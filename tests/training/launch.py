@@ -64,11 +64,34 @@ def wait_for(predicate, proc: subprocess.Popen, timeout: float = 300) -> None:
         time.sleep(0.05)
 
 
+def _workers(proc: subprocess.Popen) -> list:
+    import psutil
+
+    try:
+        return psutil.Process(proc.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+
+
 def kill(proc: subprocess.Popen, sig: int = signal.SIGKILL) -> None:
+    """Signal the whole job at once: torchrun starts each worker in a session of its own, so
+    signalling torchrun's process group would leave the workers running."""
+    for p in _workers(proc):
+        try:
+            p.send_signal(sig)
+        except Exception:  # already gone
+            pass
     try:
         os.killpg(proc.pid, sig)
     except ProcessLookupError:
         pass
+
+
+def signal_workers(proc: subprocess.Popen, sig: int) -> None:
+    """Signal the training processes only (as SLURM signals every task of a job step)."""
+    for p in _workers(proc):
+        if "train.py" in " ".join(p.cmdline()):
+            p.send_signal(sig)
 
 
 def losses(log_dir: Path) -> dict[int, float]:

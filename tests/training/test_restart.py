@@ -99,7 +99,7 @@ def test_sigterm_saves_at_the_step_boundary_and_exits_zero(data_dir, tmp_path):
     proc = launch.start(2, *args)
     log = tmp_path / "job" / "logs" / "metrics.jsonl"
     launch.wait_for(lambda: log.is_file() and log.read_text().count('"loss"') >= 3, proc)
-    launch.kill(proc, signal.SIGTERM)
+    launch.signal_workers(proc, signal.SIGTERM)
     assert proc.wait(timeout=120) == 0
     pre = launch.events(tmp_path / "job" / "logs", "preempted")
     assert pre and pre[0]["saved"]
@@ -108,18 +108,23 @@ def test_sigterm_saves_at_the_step_boundary_and_exits_zero(data_dir, tmp_path):
     assert step < 400
 
 
-def test_resume_on_a_different_data_parallel_size(straight_runs, data_dir, tmp_path):
-    """Saved at DP=2, resumed at DP=1 through DeepSpeed's universal checkpoint (ZeRO-2)."""
-    src = straight_runs(2, "tp1dp2")
-    ref = launch.losses(src / "straight" / "logs")
-    shutil.copytree(src / "straight" / "ckpt" / "global_step6", tmp_path / "one" / "ckpt" / "global_step6")
+def test_resume_on_a_different_data_parallel_size(data_dir, tmp_path):
+    """Saved at DP=2, resumed at DP=1 through DeepSpeed's universal checkpoint (ZeRO-2).
+
+    Dropout is off here: the new layout has fresh RNG streams, and without dropout the only
+    difference left is the order of the gradient reduction, so the resumed losses must follow
+    the uninterrupted ones closely (they would not if weights or Adam moments were lost)."""
+    no_dropout = tmp_path / "model.json"
+    no_dropout.write_text('{"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}')
+    extra = ("--model-config", str(no_dropout), "--save-interval", "6")
+    launch.train(2, *job_args(tmp_path, data_dir, 2, "tp1dp2", "two", *extra))
+    ref = launch.losses(tmp_path / "two" / "logs")
+    shutil.copytree(tmp_path / "two" / "ckpt" / "global_step6", tmp_path / "one" / "ckpt" / "global_step6")
     (tmp_path / "one" / "ckpt" / checkpoint.LATEST).write_text("global_step6")
-    launch.train(1, *job_args(tmp_path, data_dir, 2, "tp1dp2", "one", "--save-interval", "6"))
+    launch.train(1, *job_args(tmp_path, data_dir, 2, "tp1dp2", "one", *extra))
     got = launch.losses(tmp_path / "one" / "logs")
     resume = launch.events(tmp_path / "one" / "logs", "resume")[0]
     assert resume["consumed_samples"] == 48 and resume["dp_size"] == 1
     assert sorted(got) == list(range(6, STEPS))
-    # Same global batches, same weights and Adam moments: the curve continues (the reduction
-    # order differs between one and two ranks, so not bit for bit).
     for s in got:
-        assert abs(got[s] - ref[s]) < 2e-3 * abs(ref[s]), (s, got[s], ref[s])
+        assert abs(got[s] - ref[s]) < 1e-4 * abs(ref[s]), (s, got[s], ref[s])

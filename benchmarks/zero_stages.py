@@ -1,0 +1,106 @@
+"""End-to-end training throughput and memory per ZeRO stage (the real entry point, 2 ranks).
+
+Runs `sctd_dist/train.py` under torchrun with DP=2 on the CPU (or on the GPUs of this machine)
+for ZeRO stages 0-3, for the tiny model and a base-width model, and reads what the run itself
+logged: tokens/s of each optimizer step (median after the warmup steps) and peak memory of rank 0
+(ranks are symmetric; peak RSS on CPU, allocator peak on GPU). Stages run one after another, so a shared
+machine's load can differ between them: the JSON keeps the load average next to each number.
+
+    python benchmarks/zero_stages.py [--quick] [--steps N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from common import REPO_ROOT, loadavg, markdown_table, median
+
+STAGE_FILES = {0: "zero0_fp32.json", 1: "zero1_bf16.json", 2: "zero2_bf16.json", 3: "zero3_bf16.json"}
+MODELS = {
+    "tiny": {},
+    # Base width (768 hidden, 12 heads, 3072 FFN) with 4 layers (token dropping needs 4): CPU-sized.
+    "base-width-4L": {"hidden_size": 768, "num_attention_heads": 12, "intermediate_size": 3072,
+                      "num_hidden_layers": 4},
+}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _fp32(stage: int, folder: Path) -> Path:
+    cfg = json.loads((REPO_ROOT / "ds_configs" / STAGE_FILES[stage]).read_text())
+    cfg.pop("bf16", None)  # bf16 is 20x slower than fp32 on AVX2 CPUs: compare stages in fp32
+    out = folder / f"zero{stage}.json"
+    out.write_text(json.dumps(cfg))
+    return out
+
+
+def run_stage(stage: int, model: str, steps: int, seq: int, batch: int, folder: Path) -> dict:
+    overrides = folder / f"{model}.json"
+    overrides.write_text(json.dumps(MODELS[model]))
+    log = folder / f"logs-{model}-z{stage}"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
+           str(REPO_ROOT / "sctd_dist" / "train.py"), "--deepspeed_config", str(_fp32(stage, folder)),
+           "--model", "tiny", "--model-config", str(overrides), "--seq-length", str(seq),
+           "--token-drop", "sctd", "--train-iters", str(steps), "--global-batch-size", str(batch),
+           "--micro-batch-size", str(batch // 2), "--eval-iters", "0", "--log-dir", str(log),
+           "--data-cache", str(folder.parent / "data_cache"), "--no-progress"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"stage {stage} failed:\n{proc.stderr[-4000:]}")
+    records = [json.loads(l) for l in (log / "metrics.jsonl").read_text().splitlines()]
+    steps_ = [r for r in records if "tokens_per_s" in r]
+    warm = steps_[2:] or steps_
+    return {
+        "stage": stage, "model": model, "steps": len(steps_),
+        "tokens_per_s_median": median(r["tokens_per_s"] for r in warm),
+        "tokens_per_s_per_step": [r["tokens_per_s"] for r in steps_],
+        "peak_memory_bytes_rank0": max(r["memory_peak_bytes"] for r in steps_),
+        "loadavg_after": loadavg(),
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--steps", type=int, default=12)
+    p.add_argument("--seq-length", type=int, default=128)
+    p.add_argument("--global-batch-size", type=int, default=8)
+    p.add_argument("--out", default=str(REPO_ROOT / "benchmarks" / "results" / "zero_stages.json"))
+    args = p.parse_args()
+    steps = 4 if args.quick else args.steps
+    models = ["tiny"] if args.quick else list(MODELS)
+    rows, results = [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "run"
+        folder.mkdir()
+        for model in models:
+            for stage in sorted(STAGE_FILES):
+                r = run_stage(stage, model, steps, args.seq_length, args.global_batch_size, folder)
+                results.append(r)
+                rows.append([model, stage, f"{r['tokens_per_s_median']:,.0f}",
+                             f"{r['peak_memory_bytes_rank0'] / 2**20:,.0f}"])
+    table = markdown_table(["model", "ZeRO", "tokens/s (2 ranks)", "peak MiB (rank 0)"], rows)
+    print(table)
+    payload = {"benchmark": "zero_stages", "command": " ".join(sys.argv), "device": "cpu",
+               "precision": "fp32", "ranks": 2, "seq_length": args.seq_length,
+               "global_batch_size": args.global_batch_size, "models": MODELS, "results": results,
+               "table": table}
+    if not args.quick:
+        Path(args.out).write_text(json.dumps(payload, indent=2))
+
+
+if __name__ == "__main__":
+    main()
