@@ -44,8 +44,8 @@ demo: setup
 	rm -rf $(DEMO_DIR)
 	OMP_NUM_THREADS=1 $(BIN)/deepspeed --num_gpus $(DEMO_RANKS) --master_port $(DEMO_PORT) \
 	  sctd_dist/train.py --deepspeed_config $(DEMO_CONFIG) --model tiny --seq-length 128 \
-	  --token-drop sctd --train-iters 60 --eval-interval 20 --eval-iters 4 \
-	  --save $(DEMO_DIR)/checkpoints --save-interval 20 --log-dir $(DEMO_DIR)/logs
+	  --token-drop sctd --train-iters 200 --eval-interval 50 --eval-iters 4 \
+	  --save $(DEMO_DIR)/checkpoints --save-interval 50 --log-dir $(DEMO_DIR)/logs
 	$(BIN)/python -m sctd_dist.export --checkpoint $(DEMO_DIR)/checkpoints --out $(DEMO_DIR)/hf
 	@echo
 	@echo "demo done:"
