@@ -2,8 +2,9 @@
 
 Runs `sctd_dist/train.py` under torchrun with DP=2 on the CPU (or on the GPUs of this machine)
 for ZeRO stages 0-3, for the tiny model and a base-width model, and reads what the run itself
-logged: tokens/s of each optimizer step (median after the warmup steps) and peak memory of rank 0
-(ranks are symmetric; peak RSS on CPU, allocator peak on GPU). Stages run one after another, so a shared
+logged: tokens/s of each optimizer step (median after the warmup steps), the bytes of model
+states each rank holds (parameters or their ZeRO partition, fp32 master partitions, Adam moments)
+and rank 0's peak memory (peak RSS on CPU: the Python/torch/DeepSpeed runtime included). Stages run one after another, so a shared
 machine's load can differ between them: the JSON keeps the load average next to each number.
 
     python benchmarks/zero_stages.py [--quick] [--steps N]
@@ -37,9 +38,21 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+# The presets' communication buckets (50M elements) are sized for BERT-large and beyond; on a
+# CPU-sized model they would be larger than the model itself and dominate its memory. Every
+# stage gets the same, model-sized buckets here.
+SMALL_BUCKETS = {"reduce_bucket_size": 5_000_000, "allgather_bucket_size": 5_000_000}
+SMALL_BUCKETS_Z3 = {"stage3_prefetch_bucket_size": 5_000_000, "stage3_max_live_parameters": 20_000_000}
+
+
 def _fp32(stage: int, folder: Path) -> Path:
     cfg = json.loads((REPO_ROOT / "ds_configs" / STAGE_FILES[stage]).read_text())
     cfg.pop("bf16", None)  # bf16 is 20x slower than fp32 on AVX2 CPUs: compare stages in fp32
+    zero = cfg.setdefault("zero_optimization", {"stage": stage})
+    if stage in (1, 2):
+        zero.update(SMALL_BUCKETS)
+    elif stage == 3:
+        zero.update(reduce_bucket_size=SMALL_BUCKETS["reduce_bucket_size"], **SMALL_BUCKETS_Z3)
     out = folder / f"zero{stage}.json"
     out.write_text(json.dumps(cfg))
     return out
@@ -68,6 +81,7 @@ def run_stage(stage: int, model: str, steps: int, seq: int, batch: int, folder: 
         "tokens_per_s_median": median(r["tokens_per_s"] for r in warm),
         "tokens_per_s_per_step": [r["tokens_per_s"] for r in steps_],
         "peak_memory_bytes_rank0": max(r["memory_peak_bytes"] for r in steps_),
+        "model_state_bytes_rank0": steps_[0]["model_state_bytes"],
         "loadavg_after": loadavg(),
     }
 
@@ -78,10 +92,11 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=12)
     p.add_argument("--seq-length", type=int, default=128)
     p.add_argument("--global-batch-size", type=int, default=8)
+    p.add_argument("--models", default=",".join(MODELS), help=f"subset of {list(MODELS)}")
     p.add_argument("--out", default=str(REPO_ROOT / "benchmarks" / "results" / "zero_stages.json"))
     args = p.parse_args()
     steps = 4 if args.quick else args.steps
-    models = ["tiny"] if args.quick else list(MODELS)
+    models = ["tiny"] if args.quick else args.models.split(",")
     rows, results = [], []
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "run"
@@ -91,12 +106,16 @@ def main() -> None:
                 r = run_stage(stage, model, steps, args.seq_length, args.global_batch_size, folder)
                 results.append(r)
                 rows.append([model, stage, f"{r['tokens_per_s_median']:,.0f}",
+                             f"{r['model_state_bytes_rank0'] / 2**20:,.1f}",
                              f"{r['peak_memory_bytes_rank0'] / 2**20:,.0f}"])
-    table = markdown_table(["model", "ZeRO", "tokens/s (2 ranks)", "peak MiB (rank 0)"], rows)
+    table = markdown_table(["model", "ZeRO", "tokens/s (2 ranks)", "model states MiB per rank",
+                            "peak RSS MiB (rank 0)"], rows)
     print(table)
     payload = {"benchmark": "zero_stages", "command": " ".join(sys.argv), "device": "cpu",
                "precision": "fp32", "ranks": 2, "seq_length": args.seq_length,
-               "global_batch_size": args.global_batch_size, "models": MODELS, "results": results,
+               "global_batch_size": args.global_batch_size, "models": MODELS,
+               "bucket_overrides": {"zero1_2": SMALL_BUCKETS, "zero3": SMALL_BUCKETS_Z3},
+               "results": results,
                "table": table}
     if not args.quick:
         Path(args.out).write_text(json.dumps(payload, indent=2))

@@ -52,6 +52,23 @@ def peak_memory_bytes(device: torch.device) -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
+def model_state_bytes(engine) -> int:
+    """Bytes this rank holds for model states: its copy or ZeRO partition of the parameters, plus
+    the optimizer's own parameters (ZeRO's fp32 partitions) and their state (Adam moments)."""
+
+    def nbytes(t: torch.Tensor) -> int:
+        return t.numel() * t.element_size()
+
+    params = sum(nbytes(p.ds_tensor if hasattr(p, "ds_tensor") else p) for p in engine.module.parameters())
+    base = getattr(engine.optimizer, "optimizer", engine.optimizer)
+    model_params = {id(p) for p in engine.module.parameters()}
+    master = sum(nbytes(getattr(p, "ds_tensor", p)) for g in base.param_groups for p in g["params"]
+                 if id(p) not in model_params)
+    states = sum(nbytes(t) for st in base.state.values() for t in st.values()
+                 if isinstance(t, torch.Tensor) and t.dim() > 0)
+    return int(params + master + states)
+
+
 class MetricsLogger:
     """Rank 0 writes; every rank takes part in the DP average of the step's numbers."""
 
@@ -131,6 +148,8 @@ class MetricsLogger:
         }
         if self.peak:
             record["mfu"] = tflops / self.peak
+        if not self.last:  # once the optimizer state exists (after this process's first step)
+            record["model_state_bytes"] = model_state_bytes(engine)
         self.last = record
         if not self.rank0:
             return
