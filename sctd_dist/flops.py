@@ -13,27 +13,36 @@ PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10"
 
 
 def layer_forward_flops(queries: int, keys: int, h: int, f: int) -> float:
-    """One encoder layer with `queries` query rows attending over `keys` rows."""
-    projections = 2 * queries * h * h * 2 + 2 * keys * h * h * 2  # Q, out; K, V
-    attention = 2 * queries * keys * h * 2  # scores and weighted sum
-    mlp = 2 * queries * h * f * 2
-    return float(projections + attention + mlp)
+    """One encoder layer's forward for one sequence, `queries` rows attending over `keys` rows:
+        Q projection + attention-output projection on the query rows   2*q*h*h * 2
+        K and V projections on the key rows                             2*kv*h*h * 2
+        scores Q K^T and the probability-weighted sum of V              2*q*kv*h * 2
+        FFN (h -> f -> h) on the query rows                             2*q*h*f * 2
+    Full layer: q = kv = T. Split layer: q = k kept, kv = T. Kept-only layer: q = kv = k."""
+    return float(2 * queries * h * h * 2 + 2 * keys * h * h * 2 + 2 * queries * keys * h * 2
+                 + 2 * queries * h * f * 2)
 
 
-def sequence_forward_flops(cfg: BertModelConfig, seq: int, masked: float,
-                           kept: int | None = None, split_layer: int | None = None) -> float:
-    """Forward FLOPs for one sequence of `seq` tokens with `masked` predicted positions."""
-    h, f, n = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers
+def encoder_forward_flops(num_layers: int, seq: int, kept: int | None, split_layer: int | None,
+                          h: int, f: int) -> float:
+    """The schedule of SPEC 2.1 (`kept` None: every layer on all `seq` tokens)."""
     total = 0.0
-    for i in range(n):
-        if kept is None or i < split_layer or i == n - 1:
+    for i in range(num_layers):
+        if kept is None or i < split_layer or i == num_layers - 1:
             total += layer_forward_flops(seq, seq, h, f)
         elif i == split_layer:
             total += layer_forward_flops(kept, seq, h, f)
         else:
             total += layer_forward_flops(kept, kept, h, f)
-    total += 2 * masked * (h * h + h * cfg.vocab_size)  # MLM head at masked positions only
     return total
+
+
+def sequence_forward_flops(cfg: BertModelConfig, seq: int, masked: float,
+                           kept: int | None = None, split_layer: int | None = None) -> float:
+    """Forward FLOPs for one sequence of `seq` tokens with `masked` predicted positions."""
+    h = cfg.hidden_size
+    total = encoder_forward_flops(cfg.num_hidden_layers, seq, kept, split_layer, h, cfg.intermediate_size)
+    return total + 2 * masked * (h * h + h * cfg.vocab_size)  # MLM head at masked positions only
 
 
 def step_flops_per_sequence(cfg: BertModelConfig, drop: TokenDropConfig, seq: int, masked: float,

@@ -23,7 +23,7 @@ from sctd_dist.ds_config import (apply_schedule, check_device_support, load_ds_c
                                  resolve_batch_sizes, validate_with_deepspeed, zero_stage)
 from sctd_dist.metrics import MetricsLogger, StepTimer
 from sctd_dist.model.config import BertModelConfig
-from sctd_dist.model.pretraining import PretrainingModel, SpecialIds
+from sctd_dist.model.pretraining import PretrainingModel
 from sctd_dist.parallel import MegatronMPU, ParallelContext, check_tp_size, initialize
 from sctd_dist.parallel.launch_env import discover
 
@@ -135,9 +135,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     elif model_cfg.vocab_size < train_set.vocab_size:
         raise ValueError(f"vocab_size {model_cfg.vocab_size} of the model is smaller than the "
                          f"tokenizer's {train_set.vocab_size} in {data_dir}; fix --model-config")
-    s_ids = train_set.special_ids
-    special = SpecialIds(cls=s_ids.cls, sep=s_ids.sep, mask=s_ids.mask, unk=s_ids.unk, pad=s_ids.pad)
-    model = PretrainingModel(model_cfg, cfg.token_drop, special, ctx)
+    model = PretrainingModel(model_cfg, cfg.token_drop, train_set.special_ids, ctx)
     model.check_seq_length(cfg.seq_length)
     if cfg.init_hf is not None:
         _load_hf_weights(model, cfg.init_hf)

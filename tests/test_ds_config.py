@@ -357,8 +357,9 @@ def _train_one(rank: int, ctx, name: str, micro: int, global_batch: int) -> dict
     """Three optimizer steps of the tiny ScTD model under ds_configs/`name`, as train.py does it."""
     import deepspeed
 
+    from sctd_dist.data.tokenizer import SpecialTokenIds
     from sctd_dist.model.config import BertModelConfig, TokenDropConfig
-    from sctd_dist.model.pretraining import PretrainingModel, SpecialIds
+    from sctd_dist.model.pretraining import PretrainingModel
     from sctd_dist.parallel import MegatronMPU
 
     ds = load_ds_config(CONFIG_DIR / name)
@@ -370,7 +371,7 @@ def _train_one(rank: int, ctx, name: str, micro: int, global_batch: int) -> dict
     torch.manual_seed(0)  # the same initial weights on every rank
     cfg = BertModelConfig.from_preset("tiny", vocab_size=VOCAB, max_position_embeddings=64)
     model = PretrainingModel(cfg, TokenDropConfig(mode="sctd"),
-                             SpecialIds(cls=2, sep=3, mask=4, unk=1, pad=0), ctx)
+                             SpecialTokenIds(cls=2, sep=3, mask=4, unk=1, pad=0), ctx)
     engine, _, _, scheduler = deepspeed.initialize(
         model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
         config=ds, mpu=MegatronMPU())

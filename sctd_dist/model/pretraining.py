@@ -7,33 +7,18 @@ micro-batch; the training loop calls `update_importance()` after each optimizer 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
 from torch import nn
 
+from sctd_dist.data.tokenizer import SpecialTokenIds
 from sctd_dist.model.bert import BertForMaskedLM, MLMOutput
 from sctd_dist.model.config import BertModelConfig, TokenDropConfig
 from sctd_dist.model.consistency import consistency_terms
 from sctd_dist.model.importance import TokenImportance
 from sctd_dist.model.router import Routing, num_kept, route
 from sctd_dist.parallel.state import ParallelContext
-
-
-@dataclass(frozen=True)
-class SpecialIds:
-    """Token ids the router pins: always kept ([CLS] [SEP] [MASK] [UNK]) or dropped first ([PAD])."""
-
-    cls: int
-    sep: int
-    mask: int
-    unk: int
-    pad: int
-
-    @property
-    def always_kept(self) -> tuple[int, int, int, int]:
-        return (self.cls, self.sep, self.mask, self.unk)
 
 
 class StepOutput(NamedTuple):
@@ -51,7 +36,7 @@ class PretrainingModel(nn.Module):
         self,
         model_config: BertModelConfig,
         drop_config: TokenDropConfig,
-        special: SpecialIds,
+        special: SpecialTokenIds,
         ctx: ParallelContext | None = None,
     ) -> None:
         super().__init__()
@@ -63,7 +48,9 @@ class PretrainingModel(nn.Module):
         self.split_layer = (drop_config.resolve_split_layer(model_config.num_hidden_layers)
                             if drop_config.enabled else None)
         self.importance = TokenImportance(
-            model_config.vocab_size, high_ids=special.always_kept, pad_id=special.pad,
+            # The router always keeps [CLS] [SEP] [MASK] [UNK] and drops [PAD] first.
+            model_config.vocab_size, high_ids=(special.cls, special.sep, special.mask, special.unk),
+            pad_id=special.pad,
             init_value=drop_config.importance_init, beta=drop_config.importance_beta,
             dp_group=ctx.dp_group if ctx.dp_size > 1 else None,
         )

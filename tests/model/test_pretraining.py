@@ -7,10 +7,11 @@ import torch
 from sctd_dist.hf import load_hf_state_dict
 from sctd_dist.model.config import TokenDropConfig
 from sctd_dist.model.consistency import cls_kl
-from sctd_dist.model.pretraining import PretrainingModel, SpecialIds
+from sctd_dist.data.tokenizer import SpecialTokenIds
+from sctd_dist.model.pretraining import PretrainingModel
 from tests.model.common import SPECIAL, hf_reference_state, make_batch, small_config
 
-SPECIALS = SpecialIds(cls=SPECIAL["cls"], sep=SPECIAL["sep"], mask=SPECIAL["mask"],
+SPECIALS = SpecialTokenIds(cls=SPECIAL["cls"], sep=SPECIAL["sep"], mask=SPECIAL["mask"],
                       unk=SPECIAL["unk"], pad=SPECIAL["pad"])
 CFG = small_config()
 
@@ -86,7 +87,7 @@ def test_importance_update_uses_the_dropping_pass_losses(ctx1):
     model.update_importance()
     after = model.importance.scores
     for v in ref.targets.unique().tolist():
-        if v in SPECIALS.always_kept or v == SPECIALS.pad:
+        if v in SPECIALS.all:
             continue
         mean = ref.per_token_loss[ref.targets == v].mean()
         torch.testing.assert_close(after[v], 0.9 * before[v] + 0.1 * mean)
