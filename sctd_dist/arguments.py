@@ -39,7 +39,6 @@ class TrainConfig:
     load: Path | None = None
     keep_last: int | None = None
     log_dir: Path | None = None
-    log_interval: int = 1
     seed: int = 1234
     activation_checkpointing: bool = False
     init_hf: Path | None = None
@@ -71,7 +70,7 @@ class TrainConfig:
             )
         if self.init_hf is not None and not Path(self.init_hf).is_dir():
             raise ValueError(f"--init-hf {self.init_hf} is not a Hugging Face model folder")
-        for name in ("seq_length", "train_iters", "eval_interval", "log_interval"):
+        for name in ("seq_length", "train_iters", "eval_interval"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if self.eval_iters < 0:
@@ -138,7 +137,6 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--load", type=Path, help="default: --save (resume from its newest checkpoint)")
     g.add_argument("--keep-last", type=int, help="keep only the N newest checkpoints")
     g.add_argument("--log-dir", type=Path)
-    g.add_argument("--log-interval", type=int, default=1)
     g.add_argument("--no-progress", dest="progress", action="store_false")
     # The deepspeed launcher appends --local_rank; torchrun sets LOCAL_RANK instead.
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
@@ -163,7 +161,7 @@ def parse_args(argv: Sequence[str] | None = None) -> TrainConfig:
             micro_batch_size=a.micro_batch_size, global_batch_size=a.global_batch_size,
             eval_interval=a.eval_interval, eval_iters=a.eval_iters, save=a.save,
             save_interval=a.save_interval, load=a.load, keep_last=a.keep_last, log_dir=a.log_dir,
-            log_interval=a.log_interval, seed=a.seed,
+            seed=a.seed,
             activation_checkpointing=a.activation_checkpointing, init_hf=a.init_hf, lr=a.lr,
             whole_word_masking=a.whole_word_masking, progress=a.progress,
         )

@@ -153,7 +153,6 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         model.importance.load_state_dict(state["importance"])
         step, consumed = saved["step"], saved["consumed_samples"]
     tag = None if plan is None else plan.tag
-    loader.consumed_samples = consumed
 
     logger = MetricsLogger(cfg.log_dir, ctx, model_cfg, cfg, ds, total_steps=cfg.train_iters,
                            start_step=step, progress=cfg.progress)
@@ -164,7 +163,6 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     timer = StepTimer(ctx.device)
     stopped_by_signal = False
     save_every = cfg.save_interval
-    last_saved = step if tag is not None else None
     while step < cfg.train_iters:
         timer.start()
         sums: dict[str, torch.Tensor] = {}
@@ -190,11 +188,10 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             checkpoint.save(engine, cfg.save, step,
                             run_record(cfg, model_cfg, ctx, ds, step, consumed, data_dir),
                             {"importance": model.importance.state_dict()}, keep_last=cfg.keep_last)
-            last_saved = step
             logger.event("checkpoint", step=step, path=str(Path(cfg.save) / checkpoint.tag_for(step)))
         if stop:
             stopped_by_signal = True
-            logger.event("preempted", step=step, saved=last_saved == step)
+            logger.event("preempted", step=step, saved=bool(due))
             break
     summary = logger.finish(step, consumed, stopped_by_signal)
     return summary
