@@ -13,7 +13,7 @@ DEMO_RANKS ?= $(shell n=$$(nvidia-smi -L 2>/dev/null | wc -l); [ "$$n" -gt 0 ] &
 DEMO_CONFIG ?= $(shell nvidia-smi -L >/dev/null 2>&1 && echo ds_configs/zero2_bf16.json || echo ds_configs/cpu_tiny.json)
 DEMO_PORT ?= $(shell $(PY) -c "import socket; s=socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])")
 
-.PHONY: setup test demo clean
+.PHONY: setup test demo clean docker
 
 setup: $(STAMP)
 
@@ -55,3 +55,12 @@ demo: setup
 
 clean:
 	rm -rf $(VENV) build *.egg-info
+
+# Container image: the GPU image by default; `make docker DOCKERFILE=docker/Dockerfile.cpu
+# IMAGE=sctd-dist:cpu` for the CPU one. BASE_IMAGE (GPU) picks another NGC PyTorch tag.
+DOCKER ?= docker
+DOCKERFILE ?= docker/Dockerfile
+IMAGE ?= sctd-dist:latest
+BASE_IMAGE ?=
+docker:
+	$(DOCKER) build -f $(DOCKERFILE) -t $(IMAGE) $(if $(BASE_IMAGE),--build-arg BASE_IMAGE=$(BASE_IMAGE)) .

@@ -117,6 +117,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     """Run (or resume) a training job; returns the final summary."""
     import deepspeed
 
+    preemption.install()  # first: a signal during start-up must not kill the job unsaved
     model_cfg = BertModelConfig.from_preset(cfg.model, cfg.model_config,
                                             activation_checkpointing=cfg.activation_checkpointing)
     model_cfg.check_tensor_parallel(cfg.tensor_model_parallel_size)
@@ -159,7 +160,6 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     logger.event("start" if tag is None else "resume", step=step, consumed_samples=consumed,
                  checkpoint=tag, world_size=ctx.world_size, dp_size=ctx.dp_size,
                  tp_size=ctx.tp_size, precision=str(precision(ds)), zero_stage=zero_stage(ds))
-    preemption.install()
     timer = StepTimer(ctx.device)
     stopped_by_signal = False
     save_every = cfg.save_interval
