@@ -13,7 +13,7 @@ DEMO_RANKS ?= $(shell n=$$(nvidia-smi -L 2>/dev/null | wc -l); [ "$$n" -gt 0 ] &
 DEMO_CONFIG ?= $(shell nvidia-smi -L >/dev/null 2>&1 && echo ds_configs/zero2_bf16.json || echo ds_configs/cpu_tiny.json)
 DEMO_PORT ?= $(shell $(PY) -c "import socket; s=socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])")
 
-.PHONY: setup test demo clean docker
+.PHONY: setup test demo bench clean docker
 
 setup: $(STAMP)
 
@@ -33,7 +33,7 @@ $(STAMP): pyproject.toml
 	else \
 	  $(BIN)/python -m pip install -q "torch==$(TORCH_CPU_VERSION)"; \
 	fi
-	DS_BUILD_OPS=0 $(BIN)/python -m pip install -q -e ".[test]"
+	DS_BUILD_OPS=0 $(BIN)/python -m pip install -q -e ".[test,bench]"
 	touch $(STAMP)
 
 test: setup
@@ -52,6 +52,18 @@ demo: setup
 	@echo "  metrics      $(DEMO_DIR)/logs/metrics.jsonl (TensorBoard: $(DEMO_DIR)/logs/tensorboard)"
 	@echo "  checkpoints  $(DEMO_DIR)/checkpoints (restart: run the same command; it resumes)"
 	@echo "  Hugging Face $(DEMO_DIR)/hf (transformers.BertForMaskedLM.from_pretrained)"
+
+# Every CPU benchmark in one run (about 20 minutes on 2 cores), then one markdown page from
+# the results: benchmarks/results/RESULTS.md. One thread per process where a script times arms
+# side by side: the least load-sensitive setting on a small machine.
+bench: setup
+	$(BIN)/python benchmarks/token_drop.py --threads 1 --layers 12 --repeats 3
+	$(BIN)/python benchmarks/convergence.py --threads 2 --budget-s 100 --no-progress
+	$(BIN)/python benchmarks/scaling.py
+	$(BIN)/python benchmarks/zero_stages.py --steps 6
+	$(BIN)/python benchmarks/model_step.py --threads 1 --repeats 3
+	$(BIN)/python benchmarks/data_pipeline.py --repeats 2
+	$(BIN)/python benchmarks/report.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

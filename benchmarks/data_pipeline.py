@@ -200,6 +200,7 @@ def main() -> None:
     plain = prep["datasets.map num_proc=2"]["tokens_per_s_best"]
     result = {
         "benchmark": "data_pipeline",
+        "command": " ".join(["python", "benchmarks/data_pipeline.py", *sys.argv[1:]]),
         "machine": {"cores_used": CORES, "cpu_count": os.cpu_count(), "python": platform.python_version(),
                     "platform": platform.platform(), "note": "shared machine (other jobs running): wall times are noisy; best and median of "
                     "interleaved repeats reported, plus CPU-seconds (load-independent)"},

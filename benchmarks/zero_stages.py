@@ -2,10 +2,11 @@
 
 Runs `sctd_dist/train.py` under torchrun with DP=2 on the CPU (or on the GPUs of this machine)
 for ZeRO stages 0-3, for the tiny model and a base-width model, and reads what the run itself
-logged: tokens/s of each optimizer step (median after the warmup steps), the bytes of model
-states each rank holds (parameters or their ZeRO partition, fp32 master partitions, Adam moments)
-and rank 0's peak memory (peak RSS on CPU: the Python/torch/DeepSpeed runtime included). Stages run one after another, so a shared
-machine's load can differ between them: the JSON keeps the load average next to each number.
+logged: tokens/s over the steps after the first two, the bytes of model states each rank holds
+(parameters or their ZeRO partition, fp32 master partitions, Adam moments) and rank 0's peak
+memory (peak RSS on CPU: the Python/torch/DeepSpeed runtime included). Stages run one after
+another, so a shared machine's load can differ between them: the JSON keeps the load average
+next to each number.
 
     python benchmarks/zero_stages.py [--quick] [--steps N]
 """
@@ -14,14 +15,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import socket
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-from common import REPO_ROOT, loadavg, markdown_table, median
+from common import REPO_ROOT, markdown_table
+from train_runs import run_training, summarize
 
 STAGE_FILES = {0: "zero0_fp32.json", 1: "zero1_bf16.json", 2: "zero2_bf16.json", 3: "zero3_bf16.json"}
 MODELS = {
@@ -30,12 +29,6 @@ MODELS = {
     "base-width-4L": {"hidden_size": 768, "num_attention_heads": 12, "intermediate_size": 3072,
                       "num_hidden_layers": 4},
 }
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # The presets' communication buckets (50M elements) are sized for BERT-large and beyond; on a
@@ -61,29 +54,13 @@ def _fp32(stage: int, folder: Path) -> Path:
 def run_stage(stage: int, model: str, steps: int, seq: int, batch: int, folder: Path) -> dict:
     overrides = folder / f"{model}.json"
     overrides.write_text(json.dumps(MODELS[model]))
-    log = folder / f"logs-{model}-z{stage}"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
-           str(REPO_ROOT / "sctd_dist" / "train.py"), "--deepspeed_config", str(_fp32(stage, folder)),
-           "--model", "tiny", "--model-config", str(overrides), "--seq-length", str(seq),
-           "--token-drop", "sctd", "--train-iters", str(steps), "--global-batch-size", str(batch),
-           "--micro-batch-size", str(batch // 2), "--eval-iters", "0", "--log-dir", str(log),
-           "--data-cache", str(folder.parent / "data_cache"), "--no-progress"]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise SystemExit(f"stage {stage} failed:\n{proc.stderr[-4000:]}")
-    records = [json.loads(l) for l in (log / "metrics.jsonl").read_text().splitlines()]
-    steps_ = [r for r in records if "tokens_per_s" in r]
-    warm = steps_[2:] or steps_
-    return {
-        "stage": stage, "model": model, "steps": len(steps_),
-        "tokens_per_s_median": median(r["tokens_per_s"] for r in warm),
-        "tokens_per_s_per_step": [r["tokens_per_s"] for r in steps_],
-        "peak_memory_bytes_rank0": max(r["memory_peak_bytes"] for r in steps_),
-        "model_state_bytes_rank0": steps_[0]["model_state_bytes"],
-        "loadavg_after": loadavg(),
-    }
+    records = run_training(
+        ["--deepspeed_config", str(_fp32(stage, folder)), "--model", "tiny", "--model-config",
+         str(overrides), "--seq-length", str(seq), "--token-drop", "sctd", "--train-iters", str(steps),
+         "--global-batch-size", str(batch), "--micro-batch-size", str(batch // 2), "--eval-iters", "0",
+         "--data-cache", str(folder.parent / "data_cache")],
+        nproc=2, log_dir=folder / f"logs-{model}-z{stage}")
+    return {"stage": stage, "model": model, **summarize(records, warmup=2)}
 
 
 def main() -> None:
@@ -105,13 +82,14 @@ def main() -> None:
             for stage in sorted(STAGE_FILES):
                 r = run_stage(stage, model, steps, args.seq_length, args.global_batch_size, folder)
                 results.append(r)
-                rows.append([model, stage, f"{r['tokens_per_s_median']:,.0f}",
+                rows.append([model, stage, f"{r['tokens_per_s']:,.0f}",
                              f"{r['model_state_bytes_rank0'] / 2**20:,.1f}",
                              f"{r['peak_memory_bytes_rank0'] / 2**20:,.0f}"])
     table = markdown_table(["model", "ZeRO", "tokens/s (2 ranks)", "model states MiB per rank",
                             "peak RSS MiB (rank 0)"], rows)
     print(table)
-    payload = {"benchmark": "zero_stages", "command": " ".join(sys.argv), "device": "cpu",
+    payload = {"benchmark": "zero_stages",
+               "command": " ".join(["python", "benchmarks/zero_stages.py", *sys.argv[1:]]), "device": "cpu",
                "precision": "fp32", "ranks": 2, "seq_length": args.seq_length,
                "global_batch_size": args.global_batch_size, "models": MODELS,
                "bucket_overrides": {"zero1_2": SMALL_BUCKETS, "zero3": SMALL_BUCKETS_Z3},

@@ -30,6 +30,7 @@ class TrainConfig:
     sequence_parallel: bool = False
     token_drop: TokenDropConfig = None  # type: ignore[assignment]
     train_iters: int = 100
+    lr_decay_iters: int | None = None  # None: --train-iters
     micro_batch_size: int | None = None
     global_batch_size: int | None = None
     eval_interval: int = 50
@@ -73,6 +74,8 @@ class TrainConfig:
         for name in ("seq_length", "train_iters", "eval_interval"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.lr_decay_iters is not None and self.lr_decay_iters < 1:
+            raise ValueError(f"--lr-decay-iters must be >= 1, got {self.lr_decay_iters}")
         if self.eval_iters < 0:
             raise ValueError(f"--eval-iters must be >= 0, got {self.eval_iters}")
         if self.save_interval is not None and self.save_interval < 1:
@@ -125,6 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--importance-beta", type=float, default=0.95)
     g = p.add_argument_group("schedule")
     g.add_argument("--train-iters", type=int, default=100)
+    g.add_argument("--lr-decay-iters", type=int,
+                   help="length of the LR schedule (default: --train-iters); a multi-phase run gives "
+                        "every phase its final step, so the phases continue one schedule")
     g.add_argument("--micro-batch-size", type=int, help="overrides train_micro_batch_size_per_gpu")
     g.add_argument("--global-batch-size", type=int, help="overrides train_batch_size")
     g.add_argument("--lr", type=float, help="overrides the optimizer's lr in the DeepSpeed JSON")
@@ -158,6 +164,7 @@ def parse_args(argv: Sequence[str] | None = None) -> TrainConfig:
             data_path=a.data_path, data_cache=a.data_cache, seq_length=a.seq_length,
             tensor_model_parallel_size=a.tensor_model_parallel_size,
             sequence_parallel=a.sequence_parallel, token_drop=drop, train_iters=a.train_iters,
+            lr_decay_iters=a.lr_decay_iters,
             micro_batch_size=a.micro_batch_size, global_batch_size=a.global_batch_size,
             eval_interval=a.eval_interval, eval_iters=a.eval_iters, save=a.save,
             save_interval=a.save_interval, load=a.load, keep_last=a.keep_last, log_dir=a.log_dir,

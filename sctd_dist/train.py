@@ -33,7 +33,7 @@ def prepare_ds_config(cfg: TrainConfig, ds: dict[str, Any], dp_size: int, device
     check_device_support(ds, device_type)
     ds = resolve_batch_sizes(ds, dp_size, micro_batch=cfg.micro_batch_size,
                              global_batch=cfg.global_batch_size)
-    ds = apply_schedule(ds, cfg.train_iters)
+    ds = apply_schedule(ds, cfg.lr_decay_iters or cfg.train_iters)
     if cfg.lr is not None:
         ds.setdefault("optimizer", {}).setdefault("params", {})["lr"] = cfg.lr
     validate_with_deepspeed(ds, dp_size)
@@ -49,7 +49,10 @@ def build_data(cfg: TrainConfig, model_cfg: BertModelConfig, ctx: ParallelContex
 
     data_dir = cfg.data_path
     if data_dir is None:
-        data_dir = _rank0_first(lambda: ensure_sample_dataset(cfg.data_cache, seq_length=cfg.seq_length))
+        # One process: a worker pool forked from a rank that already runs torch.distributed
+        # threads can deadlock (seen on a 2-core machine); the sample corpus takes ~15 s alone.
+        data_dir = _rank0_first(lambda: ensure_sample_dataset(cfg.data_cache, seq_length=cfg.seq_length,
+                                                              num_proc=1))
     check_compatible(data_dir, max_position_embeddings=model_cfg.max_position_embeddings)
     train = PackedDataset(data_dir, split="train")
     valid = PackedDataset(data_dir, split="validation")
@@ -96,21 +99,29 @@ def _to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str
 
 
 def evaluate(engine, model: PretrainingModel, valid_loader, iters: int, device) -> dict[str, float]:
-    """Held-out MLM loss and accuracy with all tokens, token-weighted over DP ranks."""
+    """Held-out MLM loss and accuracy with all tokens, token-weighted over DP ranks; with token
+    dropping on, also the [CLS] cosine between the dropping and the full path, per sequence."""
     import torch.distributed as dist
 
     engine.eval()
-    totals = torch.zeros(3, dtype=torch.float64, device=device)  # loss*n, correct, n
+    # loss*n, correct, n (masked tokens); each cosine*rows, rows (sequences)
+    totals = torch.zeros(6, dtype=torch.float64, device=device)
     for i in range(min(iters, len(valid_loader))):
         out = model.evaluate(_to_device(valid_loader.batch(i), device))
-        n = out["eval_tokens"]
-        totals += torch.tensor([out["eval_loss"] * n, out["eval_acc"] * n, n], dtype=torch.float64,
-                               device=device)
+        n, rows = out["eval_tokens"], out["eval_sequences"]
+        totals += torch.tensor([out["eval_loss"] * n, out["eval_acc"] * n, n,
+                                out.get("eval_cls_cosine", 0.0) * rows,
+                                out.get("eval_cls_cosine_centered", 0.0) * rows, rows],
+                               dtype=torch.float64, device=device)
     engine.train()
     if model.ctx.dp_size > 1:
         dist.all_reduce(totals, group=model.ctx.dp_group)
-    n = max(totals[2].item(), 1.0)
-    return {"eval_loss": totals[0].item() / n, "eval_acc": totals[1].item() / n}
+    n, rows = max(totals[2].item(), 1.0), max(totals[5].item(), 1.0)
+    result = {"eval_loss": totals[0].item() / n, "eval_acc": totals[1].item() / n}
+    if model.drop.enabled:
+        result["eval_cls_cosine"] = totals[3].item() / rows
+        result["eval_cls_cosine_centered"] = totals[4].item() / rows
+    return result
 
 
 def train(cfg: TrainConfig) -> dict[str, Any]:

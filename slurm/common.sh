@@ -100,6 +100,7 @@ sctd_init() {
     EVAL_INTERVAL=${EVAL_INTERVAL:-2000}
     EVAL_ITERS=${EVAL_ITERS:-20}
     SEED=${SEED:-1234}
+    LR_DECAY_ITERS=${LR_DECAY_ITERS:-}  # LR schedule length; empty: each phase's own final step
     DATA_CACHE=${DATA_CACHE:-$SCTD_ROOT/data_cache}
     EXTRA_ARGS=${EXTRA_ARGS:-}
     MAX_REQUEUES=${MAX_REQUEUES:-100}
@@ -249,6 +250,7 @@ sctd_train() {
         --seed "$SEED" --data-cache "$DATA_CACHE" --no-progress)
     if [[ -n $data ]]; then args+=(--data-path "$data"); fi
     if [[ -n $load ]]; then args+=(--load "$load"); fi
+    if [[ -n $LR_DECAY_ITERS ]]; then args+=(--lr-decay-iters "$LR_DECAY_ITERS"); fi
     if [[ $SEQUENCE_PARALLEL == 1 ]]; then args+=(--sequence-parallel); fi
     local extra=()
     read -r -a extra <<<"$EXTRA_ARGS"  # whitespace-separated, no quoting

@@ -9,10 +9,9 @@
 #
 # Phase 2 is a resume of phase 1 with a longer sequence (checkpoint compatibility only compares
 # parameter shapes and TP size): weights, Adam moments, the token-importance table, the step
-# counter and consumed_samples carry over. So phase 2's step numbers continue from phase 1, and
-# the LR schedule is rebuilt over TRAIN_ITERS steps and entered at step TRAIN_ITERS - PHASE2_ITERS:
-# phase 2 starts at about PHASE2_ITERS/TRAIN_ITERS of the peak LR and decays linearly to 0, with no
-# warmup of its own (phase 1's own schedule decayed to 0 over its TRAIN_ITERS - PHASE2_ITERS steps).
+# counter and consumed_samples carry over. Both phases run one LR schedule over TRAIN_ITERS steps
+# (--lr-decay-iters): warmup, then a linear decay that phase 1 leaves at PHASE2_ITERS/TRAIN_ITERS
+# of the peak and phase 2 continues to 0.
 # One requeue-safe job runs both phases; a requeue skips whatever is complete.
 #
 #SBATCH --job-name=sctd-bert-large
@@ -41,6 +40,7 @@ source "$SCTD_ROOT/slurm/common.sh"
 MODEL=${MODEL:-large}
 TRAIN_ITERS=${TRAIN_ITERS:-1000000}  # the final step, phase 2 included
 PHASE2_ITERS=${PHASE2_ITERS:-100000}  # 0: phase 1 only
+LR_DECAY_ITERS=${LR_DECAY_ITERS:-$TRAIN_ITERS}  # one schedule across both phases
 SEQ_LENGTH=${SEQ_LENGTH:-128}
 PHASE2_SEQ_LENGTH=${PHASE2_SEQ_LENGTH:-512}
 DS_CONFIG=${DS_CONFIG:-$SCTD_ROOT/ds_configs/zero2_bf16.json}

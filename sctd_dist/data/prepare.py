@@ -511,17 +511,19 @@ def _file_lock(path: Path):
 
 def ensure_sample_dataset(cache_dir: str | Path | None = None, seq_length: int = 128,
                           vocab_size: int = 8192, *, num_proc: int | None = None,
-                          progress: bool = False) -> Path:
+                          validation_fraction: float = 0.01, progress: bool = False) -> Path:
     """The prepared sample dataset (sample corpus -> trained WordPiece -> packed shards), built once.
 
-    Returns `cache_dir/sample-s{seq_length}-v{vocab_size}`; a complete folder made with the same
-    settings is returned as is. Safe to call from every rank at once (a file lock serialises the
+    Returns `cache_dir/sample-s{seq_length}-v{vocab_size}` (plus `-val{validation_fraction}` when
+    it is not the default 1%); a complete folder made with the same settings is returned as is. Safe to call from every rank at once (a file lock serialises the
     build). Takes ~15 s on 2 CPU cores the first time.
     """
     from .sample import write_sample_corpus
 
     cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     out = cache / f"sample-s{seq_length}-v{vocab_size}"
+    if validation_fraction != 0.01:
+        out = out.with_name(f"{out.name}-val{validation_fraction:g}")
     with _file_lock(cache / ".sample.lock"):
         if (out / METADATA_FILE).is_file():
             meta = read_metadata(out)
@@ -532,7 +534,7 @@ def ensure_sample_dataset(cache_dir: str | Path | None = None, seq_length: int =
         if not corpus.is_file():
             write_sample_corpus(corpus)
         prepare_corpus([str(corpus)], out, seq_length, train_tokenizer_vocab=vocab_size,
-                       num_proc=num_proc or min(2, os.cpu_count() or 1), validation_fraction=0.01,
+                       num_proc=num_proc or min(2, os.cpu_count() or 1), validation_fraction=validation_fraction,
                        seed=1234, datasets_cache_dir=cache / ".hf_datasets", progress=progress)
     return out
 

@@ -1,18 +1,20 @@
 """The embedded sample corpus: real English prose, built offline from installed docstrings.
 
 `python -m sctd_dist.data.sample --out FILE` writes a few MB of text taken from the docstrings
-of the third-party packages installed next to this one (torch, transformers, datasets, numpy,
-sympy, ...). Nothing is downloaded and nothing is imported: the package sources are read as text,
-docstrings are found with a regular expression, and only paragraphs that read like prose are
-kept (no code, no doctest, no parameter tables), each one once.
+of a fixed list of packages that every installation of this one has (our dependencies and
+theirs: torch, transformers, datasets, numpy, sympy, ...). Nothing is downloaded and nothing is
+imported: the package sources are read as text, docstrings are found with a regular expression,
+and only paragraphs that read like prose are kept (no code, no doctest, no parameter tables),
+each one once.
 
 Format: **one document per line**, a document being the prose paragraphs of one docstring joined
 by single spaces; no blank lines. `datasets`' "text" loader (and `prepare`) therefore sees one
 document per row.
 
 Determinism: packages are visited in sorted order, files in sorted order, and documents are taken
-round-robin across packages until the target size is reached, so the same environment always
-produces the same bytes.
+round-robin across packages until the target size is reached, so the same package versions
+always produce the same bytes, and installing anything else (test or plotting tools) does not
+change the corpus.
 """
 
 from __future__ import annotations
@@ -37,7 +39,9 @@ _WORD = re.compile(r"[(\"']?[A-Za-z][a-z]*(?:[-'][A-Za-z]+)*[.,;:!?)\"']{0,2}")
 _CODE_CHARS = frozenset("_=(){}[]<>/\\*|#@$%^~`")
 _NON_PROSE_LINE = (">>>", "...", "..", "-", "*", "|", "+", "#", "=", "$")
 _MAX_FILE_BYTES = 2_000_000  # generated sources (op tables and the like) hold no prose
-_SKIP_PACKAGES = frozenset({"sctd_dist"})
+# Installed with sctd-dist itself (directly or through torch/datasets), about 4.4 MB of prose.
+CORPUS_PACKAGES = ("datasets", "deepspeed", "huggingface_hub", "networkx", "numpy", "pandas",
+                   "sympy", "tensorboard", "torch", "transformers")
 
 
 def _prose_paragraphs(docstring: str) -> Iterator[str]:
@@ -60,17 +64,13 @@ def _prose_paragraphs(docstring: str) -> Iterator[str]:
 
 
 def _package_roots() -> list[Path]:
-    """Top-level package folders of the environment's site-packages, sorted by name."""
+    """Folders of the CORPUS_PACKAGES found in site-packages, sorted by name."""
     roots: dict[str, Path] = {}
     for key in ("purelib", "platlib"):
         site = Path(sysconfig.get_paths()[key])
-        if not site.is_dir():
-            continue
-        for child in site.iterdir():
-            if child.name in _SKIP_PACKAGES or child.name in roots:
-                continue
-            if child.is_dir() and (child / "__init__.py").is_file():
-                roots[child.name] = child
+        for name in CORPUS_PACKAGES:
+            if name not in roots and (site / name / "__init__.py").is_file():
+                roots[name] = site / name
     return [roots[name] for name in sorted(roots)]
 
 

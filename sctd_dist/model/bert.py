@@ -60,12 +60,14 @@ class BertSelfAttention(nn.Module):
         b, s, _ = x.shape
         return x.view(b, s, self.heads, self.head_dim).transpose(1, 2)
 
-    def forward(self, q_in: torch.Tensor, kv_in: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
-        """Queries from `q_in` rows, keys/values from `kv_in` rows; returns [b, sq, h/tp]."""
+    def forward(self, q_in: torch.Tensor, kv_in: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
+        """Queries from `q_in` rows, keys/values from `kv_in` rows; returns [b, sq, h/tp].
+        `key_mask` None means every key is real (packed batches), which lets SDPA pick its
+        fused kernels (FlashAttention on GPUs takes no mask)."""
         q = self._heads(self.query(q_in)[0])
         k = self._heads(self.key(kv_in)[0])
         v = self._heads(self.value(kv_in)[0])
-        mask = key_mask[:, None, None, :]
+        mask = None if key_mask is None else key_mask[:, None, None, :]
         # Each TP rank owns different heads, so their dropout masks must differ.
         with tp.sharded_rng(self.ctx, True):
             out = F.scaled_dot_product_attention(
@@ -120,11 +122,12 @@ class BertLayer(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
-        key_mask: torch.Tensor,
+        key_mask: torch.Tensor | None,
         query_index: torch.Tensor | None = None,
         query_index_local: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """x: this rank's rows [b, s_local, h]; key_mask: [b, s_full] bool over all keys.
+        """x: this rank's rows [b, s_local, h]; key_mask: [b, s_full] bool over all keys (None:
+        no padding).
 
         query_index / query_index_local: kept positions in the full sequence / in this rank's
         slice (equal without SP). Returns the layer output at the query rows of this rank.
@@ -159,7 +162,7 @@ class BertEncoder(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
-        key_mask: torch.Tensor,
+        key_mask: torch.Tensor | None,
         routing: Routing | None = None,
         split_layer: int | None = None,
     ) -> EncoderOutput:
@@ -168,6 +171,9 @@ class BertEncoder(nn.Module):
         dropped rows (which keep their split-layer input), and the last layer on all tokens."""
         if routing is not None and routing.num_kept == routing.seq_length:
             routing = None  # keeping every token is the plain schedule, bit for bit
+        # Without padding every kept key is real too: no mask anywhere.
+        mask_all = None if key_mask is None or routing is None else routing.key_mask_all
+        mask_kept = None if key_mask is None or routing is None else routing.key_mask_kept
         last = len(self.layer) - 1
         penultimate = x
         split_input = None
@@ -176,9 +182,9 @@ class BertEncoder(nn.Module):
                 x = self._run(layer, x, key_mask)
             elif i == split_layer:
                 split_input = x
-                x = self._run(layer, x, routing.key_mask_all, routing.kept, routing.kept_local)
+                x = self._run(layer, x, mask_all, routing.kept, routing.kept_local)
             elif i < last:
-                x = self._run(layer, x, routing.key_mask_kept)
+                x = self._run(layer, x, mask_kept)
             else:
                 x = self._run(layer, scatter_tokens(split_input, routing.kept_local, x), key_mask)
             if i == last - 1:
@@ -206,6 +212,11 @@ class BertPredictionHeadTransform(nn.Module):
         return self.LayerNorm(self.act(self.dense(x)))
 
 
+# Added to the logits of padded vocabulary entries: they never win the softmax or the argmax
+# (probability exp(-1e4) = 0), and the value fits fp16 and bf16 without overflow.
+PADDED_VOCAB_LOGIT = -1e4
+
+
 class BertLMPredictionHead(nn.Module):
     """Transform + decoder tied to the (vocab-parallel) word embeddings + vocab-sharded bias."""
 
@@ -213,13 +224,19 @@ class BertLMPredictionHead(nn.Module):
         super().__init__()
         self.ctx = ctx
         self.transform = BertPredictionHeadTransform(cfg)
-        self.bias = nn.Parameter(torch.zeros(cfg.padded_vocab_size(ctx.tp_size) // ctx.tp_size))
+        shard = cfg.padded_vocab_size(ctx.tp_size) // ctx.tp_size
+        self.bias = nn.Parameter(torch.zeros(shard))
         tp.mark_tensor_parallel(self.bias)
+        # Why a bias and not a masked_fill of the logits: folded into the GEMM's bias add, the
+        # exclusion costs nothing, where a fill pass over [n, V] logits cost ~10% of a small step.
+        padded = torch.arange(ctx.tp_rank * shard, (ctx.tp_rank + 1) * shard) >= cfg.vocab_size
+        self.register_buffer("padding_bias", padded.float() * PADDED_VOCAB_LOGIT, persistent=False)
 
     def forward(self, h: torch.Tensor, decoder_weight: torch.Tensor) -> torch.Tensor:
         """Vocab-parallel logits [n, V_padded/tp] of replicated hidden states [n, h]."""
         h = self.transform(h)
-        return F.linear(tp.copy_to_tensor_parallel(h, self.ctx), decoder_weight, self.bias)
+        bias = self.bias + self.padding_bias.to(self.bias.dtype)
+        return F.linear(tp.copy_to_tensor_parallel(h, self.ctx), decoder_weight, bias)
 
 
 class BertOnlyMLMHead(nn.Module):
@@ -255,11 +272,7 @@ class BertForMaskedLM(nn.Module):
         self.bert = BertModel(cfg, ctx)
         self.cls = BertOnlyMLMHead(cfg, ctx)
         tp.share_parameter(self.cls.predictions, self.bert.embeddings.word_embeddings.weight)
-        shard = cfg.padded_vocab_size(ctx.tp_size) // ctx.tp_size
-        self.vocab_start = ctx.tp_rank * shard
-        # Padded vocabulary entries on this shard must never win the softmax.
-        pad = torch.arange(self.vocab_start, self.vocab_start + shard) >= cfg.vocab_size
-        self.register_buffer("vocab_padding", pad, persistent=False)
+        self.vocab_start = ctx.tp_rank * cfg.padded_vocab_size(ctx.tp_size) // ctx.tp_size
 
     def forward(
         self,
@@ -276,7 +289,8 @@ class BertForMaskedLM(nn.Module):
         self.config.check_seq_length(input_ids.shape[1])
         if token_type_ids is None:
             token_type_ids = torch.zeros_like(input_ids)
-        key_mask = attention_mask.bool()
+        # One host sync per forward buys the unmasked (fused) attention kernels on packed data.
+        key_mask = None if bool(attention_mask.all()) else attention_mask.bool()
         x = self.bert.embeddings(input_ids, token_type_ids)
         enc = self.bert.encoder(x, key_mask, routing, split_layer)
         hidden = tp.leave_to_replicated(enc.hidden, self.ctx)
@@ -294,7 +308,7 @@ class BertForMaskedLM(nn.Module):
         targets = labels.reshape(-1)[selected]
         h = hidden.reshape(-1, hidden.shape[-1])[selected]
         logits = self.cls.predictions(h, self.bert.embeddings.word_embeddings.weight)
-        logits = logits.float().masked_fill(self.vocab_padding, torch.finfo(torch.float32).min)
+        logits = logits.float()  # the loss in fp32 whatever the model's dtype (a no-op in fp32)
         num_correct = self._num_correct(logits.detach(), targets)
         kept_logits = logits.detach().clone() if return_logits else None
         if self.ctx.tp_size == 1:

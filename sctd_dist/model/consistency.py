@@ -30,3 +30,17 @@ def consistency_terms(
     is always kept) and at the final layer."""
     return (cls_kl(full_cls_penultimate, drop_cls_penultimate),
             cls_kl(full_cls_final, drop_cls_final))
+
+
+def cls_cosine(full: torch.Tensor, dropped: torch.Tensor, centered: bool = False) -> torch.Tensor:
+    """Mean over the batch of cos([CLS] of the full pass, [CLS] of the token-dropping pass): the
+    "semantic drift" measure, 1.0 when dropping leaves the sequence representation unchanged.
+
+    `centered` first subtracts the batch mean of the full pass's [CLS] from both. [CLS] vectors
+    share a large common component (anisotropy), which keeps the raw cosine near 1 for any
+    two inputs; the centered cosine compares only what makes each sequence's vector its own."""
+    full, dropped = full.float(), dropped.float()
+    if centered:
+        mean = full.mean(dim=0, keepdim=True)
+        full, dropped = full - mean, dropped - mean
+    return F.cosine_similarity(full, dropped, dim=-1).mean()

@@ -15,7 +15,7 @@ from torch import nn
 from sctd_dist.data.tokenizer import SpecialTokenIds
 from sctd_dist.model.bert import BertForMaskedLM, MLMOutput
 from sctd_dist.model.config import BertModelConfig, TokenDropConfig
-from sctd_dist.model.consistency import consistency_terms
+from sctd_dist.model.consistency import cls_cosine, consistency_terms
 from sctd_dist.model.importance import TokenImportance
 from sctd_dist.model.router import Routing, num_kept, route
 from sctd_dist.parallel.state import ParallelContext
@@ -100,11 +100,22 @@ class PretrainingModel(nn.Module):
 
     @torch.no_grad()
     def evaluate(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
-        """Validation always runs with all tokens."""
-        out = self._pass(batch, None, False)
+        """Validation loss and accuracy always use all tokens. With token dropping on, it also
+        runs the dropping path on the same batch and reports `eval_cls_cosine`, the cosine
+        between the two final [CLS] vectors (how far dropping moves the sequence meaning), and
+        `eval_cls_cosine_centered` (see `cls_cosine`)."""
+        out = self._pass(batch, None, self.drop.enabled)
         n = out.targets.numel()
-        return {"eval_loss": out.loss.item(), "eval_acc": float(out.num_correct) / max(n, 1),
-                "eval_tokens": float(n)}
+        # Rows with nothing to predict are a loader's filler slots: no part of the averages.
+        real = (batch["labels"] >= 0).any(dim=1)
+        result = {"eval_loss": out.loss.item(), "eval_acc": float(out.num_correct) / max(n, 1),
+                  "eval_tokens": float(n), "eval_sequences": float(real.sum())}
+        if self.drop.enabled and bool(real.any()):
+            dropped = self._pass(batch, self.routing(batch["input_ids"], batch["attention_mask"]), True)
+            full_cls, drop_cls = out.cls_final[real], dropped.cls_final[real]
+            result["eval_cls_cosine"] = cls_cosine(full_cls, drop_cls).item()
+            result["eval_cls_cosine_centered"] = cls_cosine(full_cls, drop_cls, centered=True).item()
+        return result
 
     def update_importance(self) -> None:
         """Fold this optimizer step's masked-token losses into the importance table (all ranks)."""

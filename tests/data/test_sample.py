@@ -38,3 +38,12 @@ def test_cli(tmp_path: Path) -> None:
     assert out.stat().st_size >= 30_000
     assert "documents" in proc.stdout
     assert out.read_bytes() == write_sample_corpus(tmp_path / "again.txt", 30_000).read_bytes()
+
+
+def test_drawn_from_fixed_dependency_list() -> None:
+    """Installing tools (pytest is installed here) must not change the corpus."""
+    from sctd_dist.data.sample import CORPUS_PACKAGES, _package_roots
+
+    names = [root.name for root in _package_roots()]
+    assert names == sorted(names) and set(names) <= set(CORPUS_PACKAGES)
+    assert {"torch", "transformers", "datasets"} <= set(names) and "_pytest" not in names

@@ -108,3 +108,18 @@ def test_sequence_length_checked_against_the_layout(ctx1):
     model.check_seq_length(60)
     with pytest.raises(ValueError, match="exceeds max_position_embeddings"):
         model.check_seq_length(128)
+
+
+def test_evaluate_reports_the_cls_drift_of_the_dropping_path(ctx1):
+    batch = make_batch(seq=16)
+    plain = _model(ctx1, mode="none").eval().evaluate(batch)
+    assert "eval_cls_cosine" not in plain
+    dropping = _model(ctx1, mode="vanilla").eval()
+    result = dropping.evaluate(batch)
+    assert result["eval_loss"] == plain["eval_loss"]  # the loss itself uses all tokens
+    full = dropping.mlm(**batch, return_cls=True).cls_final
+    dropped = dropping.mlm(**batch, routing=dropping.routing(batch["input_ids"], batch["attention_mask"]),
+                           split_layer=dropping.split_layer, return_cls=True).cls_final
+    expected = torch.nn.functional.cosine_similarity(full, dropped, dim=-1).mean().item()
+    assert abs(result["eval_cls_cosine"] - expected) < 1e-7 and expected < 1 - 1e-6
+    assert _model(ctx1, mode="vanilla", keep_ratio=1.0).eval().evaluate(batch)["eval_cls_cosine"] > 1 - 1e-6

@@ -52,8 +52,9 @@ def test_missing_data_dir(tmp_path):
     ("--token-keep-ratio", "1.5", "--token-keep-ratio must be in (0, 1]"),
     ("--token-keep-ratio", "0", "--token-keep-ratio must be in (0, 1]"),
     ("--sctd-interval", "0", "--sctd-interval must be >= 1"),
+    ("--lr-decay-iters", "0", "--lr-decay-iters must be >= 1"),
 ])
-def test_token_drop_flags(flag, value, needle):
+def test_out_of_range_flags(flag, value, needle):
     p = run_train(flag, value)
     assert p.returncode == 2 and needle in p.stderr
 

@@ -1,0 +1,103 @@
+"""benchmarks/gpu.sh, run the way a user runs it, in its CPU smoke mode (tiny model, fp32).
+
+The numbers are meaningless on a CPU; what is checked is that the script drives the real
+training entry point for every arm, records what it promises in gpu.json, prints the table,
+and keeps going (then exits non-zero) when an arm fails. Shellcheck/`bash -n` of gpu.sh is
+covered by tests/launchers/test_lint.py, which lints every *.sh in the repository.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+from sctd_dist.flops import step_flops_per_sequence
+from sctd_dist.model.config import BertModelConfig, TokenDropConfig
+from sctd_dist.model.router import num_kept
+from tests.conftest import SEQ
+from tests.training.launch import REPO, env
+
+SCRIPT = REPO / "benchmarks" / "gpu.sh"
+
+
+def _run(tmp_path: Path, data_dir: Path, *args: str) -> subprocess.CompletedProcess:
+    # The session's prepared sample dataset (seq SEQ) lives in data_dir.parent: no rebuild.
+    return subprocess.run(
+        ["bash", str(SCRIPT), "--device-kind", "cpu", "--model", "tiny", "--seqs", str(SEQ),
+         "--tp", "1", "--out", str(tmp_path / "gpu.json"), "--work-dir", str(tmp_path / "work"),
+         "--data-cache", str(data_dir.parent), *args],
+        cwd=REPO, env=env(), capture_output=True, text=True, timeout=300)
+
+
+def test_cpu_smoke_run_records_every_arm(data_dir: Path, tmp_path: Path) -> None:
+    proc = _run(tmp_path, data_dir, "--modes", "none,vanilla", "--train-iters", "4", "--warmup", "1")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads((tmp_path / "gpu.json").read_text())
+
+    assert result["complete"] is True and result["failed_arms"] == []
+    assert result["device_kind"] == "cpu" and result["device"]
+    assert result["environment"]["device"] == result["device"]
+    assert "--device-kind cpu" in result["command"]
+    assert result["peak_tflops"] is None  # no known peak on a CPU, so no MFU
+    settings = result["settings"]
+    assert settings["precision"] == "fp32" and settings["ds_config"] == "ds_configs/cpu_tiny.json"
+    assert settings["train_iters"] == 4 and settings["timed_steps"] == 3
+
+    arms = {a["mode"]: a for a in result["arms"]}
+    assert list(arms) == ["none", "vanilla"]
+    for mode, arm in arms.items():
+        assert arm["status"] == "ok", arm.get("error")
+        assert arm["seq_length"] == SEQ and arm["tp"] == 1 and arm["nproc"] == 1
+        assert arm["sequence_parallel"] is False
+        # The real entry point ran this arm: its own metrics.jsonl holds every step.
+        assert ["--token-drop", mode] == arm["train_args"][arm["train_args"].index("--token-drop"):][:2]
+        assert len(arm["step_time_s_per_step"]) == 4 and arm["steps_timed"] == 3
+        log = Path(arm["log_dir"]) / "metrics.jsonl"
+        assert sum('"tokens_per_s"' in line for line in log.read_text().splitlines()) == 4
+        assert arm["tokens_per_s"] > 0 and arm["tokens_per_s_per_gpu"] == arm["tokens_per_s"]
+        assert arm["tflops_per_device"] > 0
+        assert arm["mfu"] is None and arm["mfu_minus_baseline"] is None
+        assert arm["peak_memory_bytes_rank0"] > 0
+
+    none, vanilla = arms["none"], arms["vanilla"]
+    assert none["theory_flop_ratio"] == 1.0 and none["measured_time_ratio"] == 1.0
+    assert none["realised_saving"] is None
+    # The theoretical ratio is the one sctd_dist.flops gives for this model and length.
+    cfg = BertModelConfig.from_preset("tiny", {"vocab_size": settings["model_overrides"]["vocab_size"]})
+    expected = (step_flops_per_sequence(cfg, TokenDropConfig(mode="vanilla"), SEQ, 0.15 * SEQ, 5,
+                                        num_kept(SEQ, 0.5))
+                / step_flops_per_sequence(cfg, TokenDropConfig(mode="none"), SEQ, 0.15 * SEQ, 5, None))
+    assert abs(vanilla["theory_flop_ratio"] - expected) < 1e-12 and vanilla["theory_flop_ratio"] < 1.0
+    assert abs(vanilla["measured_time_ratio"] - none["tokens_per_s"] / vanilla["tokens_per_s"]) < 1e-12
+    realised = (1 - vanilla["measured_time_ratio"]) / (1 - vanilla["theory_flop_ratio"])
+    assert abs(vanilla["realised_saving"] - realised) < 1e-12
+    assert any(g["goal"].startswith("s64-tp1-vanilla: realises") for g in result["goals"])
+
+    # The markdown table: printed and stored, one row per arm, MFU columns say n/a on a CPU.
+    table = result["table"]
+    assert table in proc.stdout
+    lines = table.splitlines()
+    assert lines[0].startswith("| seq | TP |") and "MFU - baseline MFU" in lines[0]
+    assert "theory FLOP ratio" in lines[0] and "realised saving" in lines[0]
+    assert len(lines) == 2 + 2 and all("| n/a |" in row for row in lines[2:])
+
+
+def test_a_failed_arm_is_recorded_and_fails_the_run(data_dir: Path, tmp_path: Path) -> None:
+    # A vocabulary smaller than the data's tokenizer makes train.py itself exit with an error.
+    proc = _run(tmp_path, data_dir, "--modes", "none", "--train-iters", "2", "--warmup", "1",
+                "--vocab-size", "100")
+    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "failed arms: s64-tp1-none" in proc.stderr
+    result = json.loads((tmp_path / "gpu.json").read_text())
+    assert result["complete"] is True and result["failed_arms"] == ["s64-tp1-none"]
+    (arm,) = result["arms"]
+    assert arm["status"] == "failed" and "vocab_size 100" in arm["error"]
+    assert "| failed |" in result["table"]
+
+
+def test_sctd_needs_whole_intervals_timed(tmp_path: Path, data_dir: Path) -> None:
+    proc = _run(tmp_path, data_dir, "--modes", "sctd", "--train-iters", "4", "--warmup", "1")
+    assert proc.returncode == 2
+    assert "whole ScTD intervals of 10" in proc.stderr
+    assert not (tmp_path / "gpu.json").exists()
