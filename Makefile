@@ -53,7 +53,7 @@ demo: setup
 	@echo "  checkpoints  $(DEMO_DIR)/checkpoints (restart: run the same command; it resumes)"
 	@echo "  Hugging Face $(DEMO_DIR)/hf (transformers.BertForMaskedLM.from_pretrained)"
 
-# Every CPU benchmark in one run (about 20 minutes on 2 cores), then one markdown page from
+# Every CPU benchmark in one run (about 16 minutes on 2 cores), then one markdown page from
 # the results: benchmarks/results/RESULTS.md. One thread per process where a script times arms
 # side by side: the least load-sensitive setting on a small machine.
 bench: setup

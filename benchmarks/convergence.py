@@ -35,6 +35,7 @@ from common import REPO_ROOT, RESULTS_DIR, add_common_args, environment, markdow
 
 MODES = ("none", "vanilla", "sctd")
 LABELS = {"none": "baseline (all tokens)", "vanilla": "vanilla token dropping", "sctd": "ScTD"}
+COLORS = {"none": "tab:gray", "vanilla": "tab:blue", "sctd": "tab:orange"}  # the same in every plot
 
 
 class Arm:
@@ -187,12 +188,12 @@ def summary_rows(result: dict[str, Any]) -> list[list[Any]]:
     return rows
 
 
-def _curves(ax, arms: dict[str, Any], key: str, ylabel: str, title: str) -> None:
+def _curves(ax, arms: dict[str, Any], key: str, ylabel: str, title: str, skip_first: bool = False) -> None:
     """One line per arm that has `key` in its evaluations, against training time."""
     for mode, arm in arms.items():
-        points = [(e["train_s"], e[key]) for e in arm["evals"] if key in e]
+        points = [(e["train_s"], e[key]) for e in arm["evals"][int(skip_first):] if key in e]
         if points:
-            ax.plot(*zip(*points), marker="o", ms=3, label=LABELS[mode])
+            ax.plot(*zip(*points), marker="o", ms=3, label=LABELS[mode], color=COLORS[mode])
     ax.set(xlabel="training wall-clock (s)", ylabel=ylabel, title=title)
     ax.grid(alpha=0.3)
     ax.legend()
@@ -207,11 +208,13 @@ def plot(result: dict[str, Any], out_dir: Path) -> list[Path]:
 
     arms = result["arms"]
     loss_fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    _curves(ax, arms, "eval_loss", "held-out MLM loss (all tokens)", "Equal wall-clock budget per arm")
+    # The evaluation at 0 s (untrained, the same for every arm) is left out: it would flatten the rest.
+    _curves(ax, arms, "eval_loss", "held-out MLM loss (all tokens)", "Equal wall-clock budget per arm",
+            skip_first=True)
     drift_fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for ax, key, kind in ((axes[0], "cls_cosine", "raw"), (axes[1], "cls_cosine_centered", "centered")):
         _curves(ax, arms, key, f"cos([CLS] dropping, [CLS] full), {kind}",
-                f"Semantic drift on held-out data ({kind}; higher = less drift)")
+                f"[CLS] agreement, {kind} (higher = less drift)")
     paths = [out_dir / "convergence_loss.png", out_dir / "convergence_drift.png"]
     for fig, path in zip((loss_fig, drift_fig), paths):
         fig.tight_layout()
