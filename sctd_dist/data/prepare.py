@@ -515,8 +515,9 @@ def ensure_sample_dataset(cache_dir: str | Path | None = None, seq_length: int =
     """The prepared sample dataset (sample corpus -> trained WordPiece -> packed shards), built once.
 
     Returns `cache_dir/sample-s{seq_length}-v{vocab_size}` (plus `-val{validation_fraction}` when
-    it is not the default 1%); a complete folder made with the same settings is returned as is. Safe to call from every rank at once (a file lock serialises the
-    build). Takes ~15 s on 2 CPU cores the first time.
+    it is not the default 1%); a complete folder made with the same settings is returned as is.
+    Safe to call from every rank at once (a file lock serialises the build). Takes ~15 s on 2 CPU
+    cores the first time.
     """
     from .sample import write_sample_corpus
 
@@ -534,8 +535,9 @@ def ensure_sample_dataset(cache_dir: str | Path | None = None, seq_length: int =
         if not corpus.is_file():
             write_sample_corpus(corpus)
         prepare_corpus([str(corpus)], out, seq_length, train_tokenizer_vocab=vocab_size,
-                       num_proc=num_proc or min(2, os.cpu_count() or 1), validation_fraction=validation_fraction,
-                       seed=1234, datasets_cache_dir=cache / ".hf_datasets", progress=progress)
+                       num_proc=num_proc or min(2, os.cpu_count() or 1),
+                       validation_fraction=validation_fraction, seed=1234,
+                       datasets_cache_dir=cache / ".hf_datasets", progress=progress)
     return out
 
 
