@@ -208,12 +208,20 @@ def markdown_table(headers: list[str], rows: list[list[Any]]) -> str:
     return "\n".join(lines)
 
 
+def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
+    """Write via a temporary file in the same folder and rename, so a reader (or a crash) never
+    sees half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(payload, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
 def write_json(args, name: str, payload: dict[str, Any]) -> Path | None:
     if args.no_write:
         return None
     path = Path(args.out) if args.out else RESULTS_DIR / f"{name}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(payload, indent=2) + "\n")
+    write_json_atomic(path, payload)
     return path
 
 

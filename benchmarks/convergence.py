@@ -31,7 +31,8 @@ from typing import Any
 
 import torch
 
-from common import REPO_ROOT, RESULTS_DIR, add_common_args, environment, markdown_table, setup_torch, write_json
+from common import (REPO_ROOT, RESULTS_DIR, add_common_args, environment, markdown_table, setup_torch,
+                    write_json)
 
 MODES = ("none", "vanilla", "sctd")
 LABELS = {"none": "baseline (all tokens)", "vanilla": "vanilla token dropping", "sctd": "ScTD"}
@@ -81,29 +82,22 @@ class Arm:
         self.train_s += time.perf_counter() - t0
         self.train_loss.append((self.train_s, loss))
 
-    @torch.no_grad()
-    def evaluate(self, valid_batches: list[dict[str, torch.Tensor]]) -> dict[str, float]:
-        self.model.eval()
-        n = rows = loss = correct = cosine = centered = 0.0
-        for batch in valid_batches:
-            r = self.model.evaluate({k: v.to(self.device) for k, v in batch.items()})
-            n += r["eval_tokens"]
-            rows += r["eval_sequences"]
-            loss += r["eval_loss"] * r["eval_tokens"]
-            correct += r["eval_acc"] * r["eval_tokens"]
-            cosine += r.get("eval_cls_cosine", 0.0) * r["eval_sequences"]
-            centered += r.get("eval_cls_cosine_centered", 0.0) * r["eval_sequences"]
-        self.model.train()
-        record = {"train_s": self.train_s, "step": self.step, "eval_loss": loss / n,
-                  "eval_acc": correct / n}
-        if self.mode != "none":
-            record.update(cls_cosine=cosine / rows, cls_cosine_centered=centered / rows)
+    def evaluate(self, valid_loader) -> dict[str, float]:
+        """The training entry point's evaluation (the module stands in for its engine), over
+        the whole held-out loader."""
+        from sctd_dist.train import evaluate
+
+        r = evaluate(self.model, self.model, valid_loader, len(valid_loader), self.device)
+        record = {"train_s": self.train_s, "step": self.step, "eval_loss": r["eval_loss"],
+                  "eval_acc": r["eval_acc"]}
+        if "eval_cls_cosine" in r:
+            record.update(cls_cosine=r["eval_cls_cosine"], cls_cosine_centered=r["eval_cls_cosine_centered"])
         self.evals.append(record)
         return record
 
 
 def build(args, device: torch.device):
-    """The model config, special ids, train loader and held-out batches of the sample corpus."""
+    """The model config, special ids, train loader and held-out loader of the sample corpus."""
     from sctd_dist.data.dataset import PackedDataset
     from sctd_dist.data.loader import PretrainingDataLoader, ValidationDataLoader
     from sctd_dist.data.prepare import ensure_sample_dataset
@@ -120,7 +114,7 @@ def build(args, device: torch.device):
                                    dp_rank=0, dp_size=1, seed=args.seed)
     valid_loader = ValidationDataLoader(valid, micro_batch_size=args.batch, dp_rank=0, dp_size=1,
                                         seed=args.seed, max_samples=args.eval_samples)
-    return data_dir, train, model_cfg, loader, list(valid_loader)
+    return data_dir, train, model_cfg, loader, valid_loader
 
 
 def run(args) -> dict[str, Any]:
@@ -163,7 +157,7 @@ def run(args) -> dict[str, Any]:
                 for m, a in arms.items()}}
 
 
-def _late_mean(evals: list[dict[str, Any]], key: str) -> float | None:
+def late_mean(evals: list[dict[str, Any]], key: str) -> float | None:
     """The mean of `key` over the second half of the evaluations: the trend, not one noisy point."""
     values = [e[key] for e in evals[len(evals) // 2:] if key in e]
     return sum(values) / len(values) if values else None
@@ -182,9 +176,9 @@ def summary_rows(result: dict[str, Any]) -> list[list[Any]]:
     for mode, arm in result["arms"].items():
         last = arm["evals"][-1]
         rows.append([LABELS[mode], arm["steps"], f"{arm['train_s']:.0f}", f"{last['eval_loss']:.4f}",
-                     _fmt(_late_mean(arm["evals"], "eval_loss")), f"{last['eval_acc']:.4f}",
+                     _fmt(late_mean(arm["evals"], "eval_loss")), f"{last['eval_acc']:.4f}",
                      _fmt(last.get("cls_cosine")), _fmt(last.get("cls_cosine_centered")),
-                     _fmt(_late_mean(arm["evals"], "cls_cosine_centered"))])
+                     _fmt(late_mean(arm["evals"], "cls_cosine_centered"))])
     return rows
 
 

@@ -35,9 +35,10 @@ from typing import Any
 
 import torch
 
-from common import REPO_ROOT, RESULTS_DIR, device_name, environment, markdown_table
+from common import REPO_ROOT, RESULTS_DIR, device_name, environment, markdown_table, write_json_atomic
 from train_runs import TrainingRunFailed, run_training, summarize
 
+from sctd_dist.ds_config import load_ds_config, precision
 from sctd_dist.flops import peak_tflops, step_flops_per_sequence
 from sctd_dist.model.config import PRESETS, BertModelConfig, TokenDropConfig
 from sctd_dist.model.router import num_kept
@@ -138,12 +139,9 @@ def global_batch_for(micro: int, dp: int, setting: int | None, kind: str, quick:
 
 
 def precision_of(ds_config: Path) -> str:
-    """bf16 / fp16 / fp32, as the DeepSpeed JSON enables it."""
-    cfg = json.loads(ds_config.read_text())
-    for name in ("bf16", "fp16"):
-        if cfg.get(name, {}).get("enabled"):
-            return name
-    return "fp32"
+    """bf16 / fp16 / fp32, as the DeepSpeed JSON enables it (the training entry point's rule)."""
+    dtype = precision(load_ds_config(ds_config))
+    return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "fp32")
 
 
 def theoretical_ratio(model_cfg: BertModelConfig, mode: str, seq: int) -> float:
@@ -330,15 +328,6 @@ def prepare_data(cache: Path, seqs: list[int]) -> None:
         t0 = time.perf_counter()
         path = ensure_sample_dataset(cache, seq_length=seq)
         print(f"sample corpus at seq {seq}: {path} ({time.perf_counter() - t0:.0f} s)", flush=True)
-
-
-def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
-    """Write via a temporary file in the same folder and rename, so a reader (or a crash) never
-    sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(payload, indent=2) + "\n")
-    os.replace(tmp, path)
 
 
 # ----------------------------------------------------------------------------- main

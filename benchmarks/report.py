@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from common import RESULTS_DIR, markdown_table
+from convergence import late_mean
 
 
 def _load(folder: Path, name: str) -> dict[str, Any] | None:
@@ -94,12 +95,6 @@ def data_pipeline(d: dict[str, Any]) -> str:
             f"(whole-word masking {loader['overhead_fraction_whole_word_masking']:.2%}; goal <= 2%).")
 
 
-def _late_mean(evals: list[dict[str, Any]], key: str) -> float:
-    """Mean of `key` over the second half of the evaluations (as convergence.py reports it)."""
-    values = [e[key] for e in evals[len(evals) // 2:]]
-    return sum(values) / len(values)
-
-
 def convergence(d: dict[str, Any]) -> str:
     s = d["settings"]
     arms = d["arms"]
@@ -109,8 +104,8 @@ def convergence(d: dict[str, Any]) -> str:
              "held-out MLM loss with all tokens on the same held-out rows for every arm."]
     if {"vanilla", "sctd"} <= set(arms):
         v, c = arms["vanilla"]["evals"], arms["sctd"]["evals"]
-        loss_v, loss_c = _late_mean(v, "eval_loss"), _late_mean(c, "eval_loss")
-        cos_v, cos_c = _late_mean(v, "cls_cosine_centered"), _late_mean(c, "cls_cosine_centered")
+        loss_v, loss_c = late_mean(v, "eval_loss"), late_mean(c, "eval_loss")
+        cos_v, cos_c = late_mean(v, "cls_cosine_centered"), late_mean(c, "cls_cosine_centered")
         lines += ["",
                   f"- Goal, ScTD held-out loss <= vanilla at equal wall-clock: final {c[-1]['eval_loss']:.4f} "
                   f"vs {v[-1]['eval_loss']:.4f}, mean over the second half {loss_c:.4f} vs {loss_v:.4f}: "

@@ -19,7 +19,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from common import REPO_ROOT, markdown_table
+from common import REPO_ROOT, markdown_table, write_json_atomic
 from train_runs import run_training, summarize
 
 # (name, ranks, TP, sequence parallel)
@@ -78,7 +78,7 @@ def main() -> None:
                "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
                "results": results, "table": table}
     if not args.quick:
-        Path(args.out).write_text(json.dumps(payload, indent=2) + "\n")
+        write_json_atomic(Path(args.out), payload)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from common import REPO_ROOT, markdown_table
+from common import REPO_ROOT, markdown_table, write_json_atomic
 from train_runs import run_training, summarize
 
 STAGE_FILES = {0: "zero0_fp32.json", 1: "zero1_bf16.json", 2: "zero2_bf16.json", 3: "zero3_bf16.json"}
@@ -96,7 +96,7 @@ def main() -> None:
                "results": results,
                "table": table}
     if not args.quick:
-        Path(args.out).write_text(json.dumps(payload, indent=2))
+        write_json_atomic(Path(args.out), payload)
 
 
 if __name__ == "__main__":
