@@ -74,18 +74,34 @@ def _package_roots() -> list[Path]:
     return [roots[name] for name in sorted(roots)]
 
 
+def read_source(path: Path) -> str | None:
+    """The text of a Python source file, or None when it is unreadable or too big to hold prose."""
+    try:
+        if path.stat().st_size > _MAX_FILE_BYTES:
+            return None
+        return path.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return None
+
+
+def docstring_prose(source: str) -> Iterator[list[str]]:
+    """The prose paragraphs of each docstring of a Python source text, one list per docstring
+    (docstrings with no prose are skipped)."""
+    for match in _DOCSTRING.finditer(source):
+        paragraphs = list(_prose_paragraphs(match.group(2)))
+        if paragraphs:
+            yield paragraphs
+
+
 def _package_documents(root: Path, seen: set[bytes]) -> Iterator[str]:
     """Documents (one per docstring with prose) of one package; `seen` drops repeats globally."""
     for path in sorted(root.rglob("*.py")):
-        try:
-            if path.stat().st_size > _MAX_FILE_BYTES:
-                continue
-            source = path.read_text(encoding="utf-8", errors="replace")
-        except OSError:
+        source = read_source(path)
+        if source is None:
             continue
-        for match in _DOCSTRING.finditer(source):
+        for paragraphs in docstring_prose(source):
             kept = []
-            for para in _prose_paragraphs(match.group(2)):
+            for para in paragraphs:
                 digest = hashlib.blake2b(para.encode(), digest_size=12).digest()
                 if digest not in seen:
                     seen.add(digest)
@@ -108,6 +124,19 @@ def iter_sample_documents() -> Iterator[str]:
         streams = alive
 
 
+def sample_corpus_documents(target_bytes: int = DEFAULT_TARGET_BYTES) -> Iterator[str]:
+    """The documents of the sample corpus of about `target_bytes`, in file order: up to and
+    including the first one that reaches the target (or until the docstrings run out)."""
+    if target_bytes <= 0:
+        raise ValueError(f"target_bytes must be positive, got {target_bytes}")
+    written = 0
+    for doc in iter_sample_documents():
+        yield doc
+        written += len(doc) + 1  # ASCII only: characters are bytes
+        if written >= target_bytes:
+            return
+
+
 def write_sample_corpus(path: str | Path, target_bytes: int = DEFAULT_TARGET_BYTES) -> Path:
     """Write about `target_bytes` of English prose to `path`, one document per line.
 
@@ -121,11 +150,9 @@ def write_sample_corpus(path: str | Path, target_bytes: int = DEFAULT_TARGET_BYT
     tmp = path.with_name(path.name + ".tmp")
     written = 0
     with open(tmp, "w", encoding="utf-8", newline="\n") as f:
-        for doc in iter_sample_documents():
+        for doc in sample_corpus_documents(target_bytes):
             f.write(doc + "\n")
-            written += len(doc) + 1  # ASCII only: characters are bytes
-            if written >= target_bytes:
-                break
+            written += len(doc) + 1
     if written == 0:
         tmp.unlink()
         raise RuntimeError("no installed package has docstrings to build the sample corpus from")
