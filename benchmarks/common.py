@@ -217,6 +217,17 @@ def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
+def save_figures(figures: list, paths: list[Path]) -> list[Path]:
+    """Write each matplotlib figure to its PNG path and close it; returns the paths."""
+    import matplotlib.pyplot as plt
+
+    for fig, path in zip(figures, paths):
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+    return paths
+
+
 def write_json(args, name: str, payload: dict[str, Any]) -> Path | None:
     if args.no_write:
         return None

@@ -116,6 +116,21 @@ def convergence(d: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def quality(d: dict[str, Any]) -> str:
+    s = d["settings"]
+    majority = ", ".join(f"{t} {v:.3f}" for t, v in d.get("majority_class_accuracy", {}).items())
+    lines = [d["table"], "",
+             f"Model: {s['layers']} layers, hidden {s['hidden']}, seq {s['seq_length']}, batch {s['batch']}, "
+             f"lr {s['lr']}; {s['budget_s']:.0f} s of training per arm and seed, seeds {s['seeds']}, every arm "
+             "of every seed interleaved in one process; mean ± std over seeds. Each final model fine-tuned on "
+             f"{', '.join(s['tasks'])} (lr {s['ft_lr']}, {s['ft_epochs']:g} epochs, its pretraining seed)"
+             + (f"; majority-class accuracy {majority}." if majority else "."), "",
+             "Differences between arms, and whether they exceed the seed spread (the arms' min-max ranges "
+             "over seeds do not overlap):", "", *[f"- {v}" for v in d["verdicts"]], "",
+             "![pretraining](quality_pretraining.png)", "", "![downstream](quality_downstream.png)"]
+    return "\n".join(lines)
+
+
 def gpu(d: dict[str, Any]) -> str:
     if not d.get("complete"):
         return "The last run did not finish; its finished arms are in the JSON."
@@ -129,6 +144,7 @@ def gpu(d: dict[str, Any]) -> str:
 SECTIONS: list[tuple[str, str, Callable[[dict[str, Any]], str]]] = [
     ("token_drop", "Token dropping: throughput against theory", token_drop),
     ("convergence", "Quality at equal wall-clock, and semantic drift", convergence),
+    ("quality", "Time to quality over seeds, and downstream scores", quality),
     ("scaling", "Tensor and data parallelism on 2 ranks", scaling),
     ("zero_stages", "Memory per rank per ZeRO stage", zero_stages),
     ("model_step", "Our model against transformers' BertForMaskedLM", model_step),
