@@ -122,9 +122,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--token-keep-ratio", type=float, default=0.5)
     g.add_argument("--token-drop-split-layer", type=int, help="default: num_layers/2 - 1")
     g.add_argument("--sctd-interval", type=int, default=10)
-    g.add_argument("--sctd-weight", type=float, default=0.05)
-    g.add_argument("--sctd-full-mlm-weight", type=float, default=0.0,
-                   help="weight of the full-token pass's own MLM loss on ScTD steps")
+    g.add_argument("--sctd-weight", type=float, default=0.05,
+                   help="weight w of the consistency term (averaged per masked token like the MLM loss)")
+    g.add_argument("--sctd-mlm-mix", type=float, default=0.0, metavar="ALPHA",
+                   help="on consistency steps the MLM loss is (1-ALPHA)*MLM_drop + ALPHA*MLM_full; "
+                        "0 (default) is the released code's effective objective, 0.5 what it was "
+                        "written to do")
     g.add_argument("--importance-beta", type=float, default=0.95)
     g = p.add_argument_group("schedule")
     g.add_argument("--train-iters", type=int, default=100)
@@ -157,7 +160,7 @@ def parse_args(argv: Sequence[str] | None = None) -> TrainConfig:
         drop = TokenDropConfig(
             mode=a.token_drop, keep_ratio=a.token_keep_ratio, split_layer=a.token_drop_split_layer,
             sctd_interval=a.sctd_interval, sctd_weight=a.sctd_weight,
-            full_mlm_weight=a.sctd_full_mlm_weight, importance_beta=a.importance_beta,
+            mlm_mix=a.sctd_mlm_mix, importance_beta=a.importance_beta,
         )
         return TrainConfig(
             deepspeed_config=a.deepspeed_config, model=a.model, model_config=a.model_config,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -151,9 +152,12 @@ class TokenDropConfig:
     # Index of the split layer; None means the paper's L/2 - 1.
     split_layer: int | None = None
     sctd_interval: int = 10
+    # Weight w of the consistency term, which is averaged per masked token like the MLM loss.
     sctd_weight: float = 0.05
-    # Weight of the full-token pass's own MLM loss on ScTD steps (0 = the released objective).
-    full_mlm_weight: float = 0.0
+    # On consistency steps the MLM part is (1 - mix) * MLM_drop + mix * MLM_full. 0 is what the
+    # released code effectively optimises (the full pass then runs no MLM head); 0.5 is what it
+    # was written to do.
+    mlm_mix: float = 0.0
     importance_beta: float = 0.95
     importance_init: float = 10.0
 
@@ -164,8 +168,10 @@ class TokenDropConfig:
             raise ValueError(f"--token-keep-ratio must be in (0, 1], got {self.keep_ratio}")
         if self.sctd_interval < 1:
             raise ValueError(f"--sctd-interval must be >= 1, got {self.sctd_interval}")
-        if self.sctd_weight < 0 or self.full_mlm_weight < 0:
-            raise ValueError("--sctd-weight and the full-pass MLM weight must be >= 0")
+        if not (math.isfinite(self.sctd_weight) and self.sctd_weight >= 0):
+            raise ValueError(f"--sctd-weight must be a finite number >= 0, got {self.sctd_weight}")
+        if not 0.0 <= self.mlm_mix <= 1.0:  # also refuses NaN
+            raise ValueError(f"--sctd-mlm-mix must be in [0, 1], got {self.mlm_mix}")
         if not 0.0 <= self.importance_beta < 1.0:
             raise ValueError(f"importance beta must be in [0, 1), got {self.importance_beta}")
 
