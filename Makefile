@@ -13,7 +13,7 @@ DEMO_RANKS ?= $(shell n=$$(nvidia-smi -L 2>/dev/null | wc -l); [ "$$n" -gt 0 ] &
 DEMO_CONFIG ?= $(shell nvidia-smi -L >/dev/null 2>&1 && echo ds_configs/zero2_bf16.json || echo ds_configs/cpu_tiny.json)
 DEMO_PORT ?= $(shell $(PY) -c "import socket; s=socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])")
 
-.PHONY: setup test demo bench clean docker
+.PHONY: setup test demo bench quality clean docker
 
 setup: $(STAMP)
 
@@ -63,6 +63,13 @@ bench: setup
 	$(BIN)/python benchmarks/zero_stages.py --steps 6
 	$(BIN)/python benchmarks/model_step.py --threads 1 --repeats 3
 	$(BIN)/python benchmarks/data_pipeline.py --repeats 2
+	$(BIN)/python benchmarks/report.py
+
+# The time-to-quality study (about an hour on 2 cores; not part of `make bench`): baseline, vanilla
+# and ScTD pretrained from the same weights at an equal wall-clock budget, 3 seeds, fine-tuned on
+# the offline suite; then RESULTS.md. One thread: the least load-sensitive setting on a shared box.
+quality: setup
+	$(BIN)/python benchmarks/quality.py --threads 1 --no-progress
 	$(BIN)/python benchmarks/report.py
 
 clean:

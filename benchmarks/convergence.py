@@ -49,7 +49,7 @@ class Arm:
 
         self.mode = mode
         drop = TokenDropConfig(mode=mode, keep_ratio=args.keep_ratio, sctd_interval=args.sctd_interval,
-                               sctd_weight=args.sctd_weight)
+                               sctd_weight=args.sctd_weight, mlm_mix=args.sctd_mlm_mix)
         self.model = PretrainingModel(model_cfg, drop, special, ctx).to(device)
         self.model.mlm.load_state_dict(state)
         self.model.train()
@@ -235,6 +235,8 @@ def add_study_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--keep-ratio", type=float, default=0.5)
     p.add_argument("--sctd-interval", type=int, default=10)
     p.add_argument("--sctd-weight", type=float, default=0.05)
+    p.add_argument("--sctd-mlm-mix", type=float, default=0.0,
+                   help="share of the full pass's MLM loss on consistency steps (train.py's flag)")
     p.add_argument("--eval-samples", type=int, default=256, help="held-out sequences per evaluation")
     p.add_argument("--validation-fraction", type=float, default=0.05,
                    help="share of the sample corpus held out (train.py's default is 0.01: too few "

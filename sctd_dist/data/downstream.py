@@ -212,7 +212,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS)
     args = p.parse_args(argv)
     for name, files in write_suite(args.out, args.seed, args.tasks).items():
-        sizes = ", ".join(f"{split} {sum(1 for _ in open(path, encoding='utf-8'))}" for split, path in files.items())
+        sizes = ", ".join(f"{split} {len(path.read_text(encoding='utf-8').splitlines())}"
+                          for split, path in files.items())
         print(f"{name}: {sizes} rows in {files['train'].parent}")
 
 

@@ -205,7 +205,8 @@ def run(cfg: FinetuneConfig, argv: Sequence[str] | None = None) -> dict[str, Any
             _, fresh = load_task_model(source, spec.kind, data.num_labels)  # fails on any unloaded weight
             features = write_features(data, tokenizer, Path(work) / spec.name, cfg.max_seq_length, cfg.doc_stride)
             info[spec.name] = {"kind": spec.kind, "metrics": list(spec.metrics), "source": data.source,
-                               "train_rows": len(data.train), "eval_rows": {s: len(d) for s, d in data.evals.items()},
+                               "train_rows": len(data.train),
+                               "eval_rows": {s: len(d) for s, d in data.evals.items()},
                                "fresh_weights": fresh}
             if spec.kind == "classification":
                 info[spec.name]["labels"] = [str(v) for v in data.labels or []]
@@ -224,7 +225,8 @@ def run(cfg: FinetuneConfig, argv: Sequence[str] | None = None) -> dict[str, Any
     for name, meta in info.items():
         task_runs = [r for r in runs if r["task"] == name]
         results["tasks"][name] = {**meta, **summarize_task(task_runs, meta["metrics"]), "runs": task_runs}
-        single = [r for r in task_runs for e in r["eval"].values() if len(e.get("predicted_class_counts", {0: 0, 1: 0})) == 1]
+        single = [r for r in task_runs for e in r["eval"].values()
+                  if len(e.get("predicted_class_counts", {0: 0, 1: 0})) == 1]
         if single:
             notes.append(f"- {name}: {len(single)} run(s) predicted one class for every example "
                          "(a model that learnt nothing scores the majority class)")
@@ -247,7 +249,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m sctd_dist.finetune", description=__doc__.split("\n\n")[1])
     g = p.add_argument_group("model and tasks")
     g.add_argument("--model", type=Path, required=True,
-                   help="an exported Hugging Face folder, or a checkpoint folder (--save of a run; exported on the fly)")
+                   help="an exported Hugging Face folder, or a checkpoint folder (--save of a run; "
+                        "exported on the fly)")
     g.add_argument("--tag", help="checkpoint tag when --model is a checkpoint folder (default: the newest)")
     g.add_argument("--tokenizer", type=Path, help="tokenizer folder (default: the model folder's)")
     g.add_argument("--task", nargs="+", default=[], metavar="NAME",

@@ -49,6 +49,6 @@ def markdown(tasks: dict[str, dict[str, Any]]) -> str:
             majority = t.get("majority_class_accuracy", {}).get(split)
             for metric, s in per_metric.items():
                 base = f"{majority:.4f}" if majority is not None and metric == "accuracy" else "-"
-                lines.append(f"| {name} | {split} | {metric} | {s['median']:.4f} | {s['min']:.4f} - {s['max']:.4f} "
-                             f"| {len(s['values'])} | {t['best_lr']:g} | {base} |")
+                lines.append(f"| {name} | {split} | {metric} | {s['median']:.4f} | {s['min']:.4f} - "
+                             f"{s['max']:.4f} | {len(s['values'])} | {t['best_lr']:g} | {base} |")
     return "\n".join(lines)

@@ -122,13 +122,14 @@ def _read_table(path: Path, flag: str, cache_dir: str | None):
     import datasets
 
     kind = _TABLE_EXT[path.suffix.lower()]
-    options: dict[str, Any] = {"delimiter": "\t", "quoting": csv.QUOTE_NONE} if path.suffix.lower() == ".tsv" else {}
+    tsv = path.suffix.lower() == ".tsv"
+    options: dict[str, Any] = {"delimiter": "\t", "quoting": csv.QUOTE_NONE} if tsv else {}
     try:
         return datasets.load_dataset(kind, data_files={"split": str(path)}, split="split", cache_dir=cache_dir,
                                      **options)
     except Exception as exc:  # noqa: BLE001 - any parse error becomes one line naming the file
-        raise ValueError(f"{flag} {path} could not be read as {path.suffix[1:]}: "
-                         f"{str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}") from exc
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ValueError(f"{flag} {path} could not be read as {path.suffix[1:]}: {reason}") from exc
 
 
 def _check_columns(ds, path: Path, flag: str, pair: bool | None) -> tuple[str, ...]:
@@ -182,7 +183,8 @@ def read_squad_json(path: Path, flag: str) -> list[dict[str, Any]]:
         doc = json.loads(path.read_text(encoding="utf-8"))
         articles = doc["data"]
     except (json.JSONDecodeError, KeyError, TypeError) as exc:
-        raise ValueError(f"{flag} {path} is not SQuAD-format json (an object with a 'data' list): {exc}") from None
+        raise ValueError(f"{flag} {path} is not SQuAD-format json (an object with a 'data' list): "
+                         f"{exc}") from None
     rows: list[dict[str, Any]] = []
     for article in articles:
         for paragraph in article.get("paragraphs", []):
@@ -192,11 +194,14 @@ def read_squad_json(path: Path, flag: str) -> list[dict[str, Any]]:
             for qa in paragraph.get("qas", []):
                 qid = qa.get("id")
                 if qid is None or not isinstance(qa.get("question"), str):
-                    raise ValueError(f"{flag} {path}: a question of {article.get('title')!r} lacks 'id' or 'question'")
+                    raise ValueError(f"{flag} {path}: a question of {article.get('title')!r} lacks 'id' "
+                                     "or 'question'")
                 texts, starts = [], []
                 for answer in [] if qa.get("is_impossible") else qa.get("answers", []):
                     text, start = answer.get("text"), answer.get("answer_start")
-                    if not isinstance(text, str) or not isinstance(start, int) or context[start:start + len(text)] != text:
+                    found = isinstance(text, str) and isinstance(start, int) and \
+                        context[start:start + len(text)] == text
+                    if not found:
                         raise ValueError(f"{flag} {path}: question {qid!r}: answer {text!r} is not in its "
                                          f"context at answer_start {start}")
                     texts.append(text)
@@ -253,7 +258,8 @@ def load_local(train_file: Path, validation_file: Path, kind: Kind | None = None
         metrics: tuple[str, ...] = ("pearson", "spearmanr")
     else:
         values = set(train["label"])
-        metrics = ("accuracy", "f1", "matthews_correlation") if values <= {0, 1} and len(values) == 2 else ("accuracy",)
+        binary = values <= {0, 1} and len(values) == 2
+        metrics = ("accuracy", "f1", "matthews_correlation") if binary else ("accuracy",)
     spec = TaskSpec(task_name, kind, metrics, text_columns=columns)
     data = TaskData(spec, train, {"validation": evaluation}, source={k: str(v) for k, v in files.items()})
     return _with_labels(data, "--validation-file")

@@ -31,8 +31,9 @@ def pretrained_checkpoint(tmp_path_factory, data_dir) -> Path:
     with lock:
         if not (out / "ckpt" / "latest").is_file():
             launch.train(1, "--data-path", str(data_dir), "--seq-length", str(SEQ), "--token-drop", "sctd",
-                         "--train-iters", str(PRETRAIN_STEPS), "--global-batch-size", "8", "--micro-batch-size", "8",
-                         "--eval-iters", "0", "--save", str(out / "ckpt"), "--no-progress")
+                         "--train-iters", str(PRETRAIN_STEPS), "--global-batch-size", "8",
+                         "--micro-batch-size", "8", "--eval-iters", "0", "--save", str(out / "ckpt"),
+                         "--no-progress")
     return out / "ckpt"
 
 

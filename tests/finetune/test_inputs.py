@@ -39,7 +39,8 @@ def test_wrong_column_names(capsys, exported_model, tmp_path):
     train = tmp_path / "train.csv"
     train.write_text("text,target\nhello there,1\ngood bye,0\n")
     valid = _jsonl(tmp_path / "valid.jsonl", GOOD)
-    err = _fail(capsys, exported_model, tmp_path / "out", "--train-file", str(train), "--validation-file", str(valid))
+    err = _fail(capsys, exported_model, tmp_path / "out", "--train-file", str(train),
+                "--validation-file", str(valid))
     assert "--train-file" in err and "['text', 'target']" in err and "sentence1" in err and "label" in err
 
 
@@ -48,8 +49,8 @@ def test_string_labels_for_a_regression_task(capsys, exported_model, tmp_path):
     train.write_text("sentence1\tsentence2\tlabel\na cat\ta dog\t0.5\ntwo cats\tno dog\thigh\n")
     valid = tmp_path / "valid.tsv"
     valid.write_text("sentence1\tsentence2\tlabel\na cat\ta dog\t0.5\n")
-    err = _fail(capsys, exported_model, tmp_path / "out", "--train-file", str(train), "--validation-file", str(valid),
-                "--task-type", "regression")
+    err = _fail(capsys, exported_model, tmp_path / "out", "--train-file", str(train),
+                "--validation-file", str(valid), "--task-type", "regression")
     assert "regression" in err and "row 2" in err and "'high'" in err
 
 
@@ -62,16 +63,16 @@ def test_an_empty_split(capsys, exported_model, tmp_path, empty):
     else:
         valid = tmp_path / "valid.jsonl"
         valid.write_text("")
-    err = _fail(capsys, exported_model, tmp_path / "out", "--train-file", str(train), "--validation-file", str(valid),
-                "--cache-dir", str(tmp_path / "hf"))
+    err = _fail(capsys, exported_model, tmp_path / "out", "--train-file", str(train),
+                "--validation-file", str(valid), "--cache-dir", str(tmp_path / "hf"))
     assert err == f"error: --validation-file {valid} has no rows"
 
 
 def test_validation_label_unknown_to_training(capsys, exported_model, tmp_path):
     train = _jsonl(tmp_path / "train.jsonl", GOOD)
     valid = _jsonl(tmp_path / "valid.jsonl", [{"sentence1": "a bird", "label": 7}])
-    err = _fail(capsys, exported_model, tmp_path / "out", "--train-file", str(train), "--validation-file", str(valid),
-                "--cache-dir", str(tmp_path / "hf"))
+    err = _fail(capsys, exported_model, tmp_path / "out", "--train-file", str(train),
+                "--validation-file", str(valid), "--cache-dir", str(tmp_path / "hf"))
     assert "['7']" in err and "training split" in err
 
 
@@ -80,7 +81,8 @@ def test_squad_answer_not_in_context(capsys, exported_model, tmp_path):
         {"id": "x1", "question": "Where is Paris?", "answers": [{"text": "Spain", "answer_start": 12}]}]}]}]}
     path = tmp_path / "bad.json"
     path.write_text(json.dumps(bad))
-    err = _fail(capsys, exported_model, tmp_path / "out", "--train-file", str(path), "--validation-file", str(path))
+    err = _fail(capsys, exported_model, tmp_path / "out", "--train-file", str(path),
+                "--validation-file", str(path))
     assert "'x1'" in err and "'Spain'" in err
 
 
@@ -97,10 +99,13 @@ def test_model_folder_that_is_neither_export_nor_checkpoint(capsys, tmp_path):
 
 
 def test_local_files_infer_the_task_type(tmp_path):
-    rows = [{"sentence1": "a", "sentence2": "b", "label": 0.25}, {"sentence1": "c", "sentence2": "d", "label": 4.0}]
-    reg = load_local(_jsonl(tmp_path / "t.jsonl", rows), _jsonl(tmp_path / "v.jsonl", rows), cache_dir=str(tmp_path))
+    rows = [{"sentence1": "a", "sentence2": "b", "label": 0.25},
+            {"sentence1": "c", "sentence2": "d", "label": 4.0}]
+    reg = load_local(_jsonl(tmp_path / "t.jsonl", rows), _jsonl(tmp_path / "v.jsonl", rows),
+                     cache_dir=str(tmp_path))
     assert reg.spec.kind == "regression" and reg.spec.metrics == ("pearson", "spearmanr") and reg.spec.is_pair
     words = [{"sentence1": "a", "label": "pos"}, {"sentence1": "b", "label": "neg"}]
     cls = load_local(_jsonl(tmp_path / "t2.jsonl", words), _jsonl(tmp_path / "v2.jsonl", words),
                      cache_dir=str(tmp_path))
-    assert cls.spec.kind == "classification" and cls.labels == ["neg", "pos"] and cls.spec.metrics == ("accuracy",)
+    assert cls.spec.kind == "classification" and cls.labels == ["neg", "pos"]
+    assert cls.spec.metrics == ("accuracy",)

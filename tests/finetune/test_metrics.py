@@ -83,8 +83,9 @@ def test_best_span_and_no_answer_decision():
     # Spans longer than max_answer_length, reversed, or on question tokens are never chosen.
     s, e = _logits(6, 10)
     s[2], e[3] = 9.0, 9.0  # the question's tokens score highest
-    assert best_answers({"q": CONTEXT}, ["q"], [OFFSETS], [s], [e], max_answer_length=5) == {"q": "Alice met Bob in Paris"}
-    assert best_answers({"q": CONTEXT}, ["q"], [OFFSETS], [s], [e], max_answer_length=2) != {"q": "Alice met Bob in Paris"}
+    whole = {"q": "Alice met Bob in Paris"}
+    assert best_answers({"q": CONTEXT}, ["q"], [OFFSETS], [s], [e], max_answer_length=5) == whole
+    assert best_answers({"q": CONTEXT}, ["q"], [OFFSETS], [s], [e], max_answer_length=2) != whole
 
 
 def test_answer_from_the_best_of_several_windows():
