@@ -104,9 +104,10 @@ def _devices(cfg: FinetuneConfig) -> list[str]:
     if cfg.device.startswith("cuda"):
         import torch
 
+        if cfg.device != "cuda":  # one named GPU: one worker unless asked otherwise
+            return [cfg.device] * (cfg.workers or 1)
         count = torch.cuda.device_count()
-        workers = cfg.workers or count
-        return [f"cuda:{i % count}" for i in range(workers)] if cfg.device == "cuda" else [cfg.device] * workers
+        return [f"cuda:{i % count}" for i in range(cfg.workers or count)]
     return ["cpu"] * (cfg.workers or 1)
 
 

@@ -275,7 +275,8 @@ def _hub_error(spec: TaskSpec, exc: Exception) -> ValueError:
                       "once (the dataset is cached), or pass --train-file/--validation-file")
 
 
-def _load_hub(spec: TaskSpec, cache_dir: str | None) -> TaskData:
+def load_hub(spec: TaskSpec, cache_dir: str | None) -> TaskData:
+    """A task of the Hugging Face hub (`spec.hub`) in the common schema."""
     import datasets
 
     assert spec.hub is not None
@@ -339,7 +340,7 @@ def load_task(name: str, cache_dir: str | None = None) -> TaskData:
         raise ValueError(f"unknown --task {name!r}; choose one of {sorted(NAMED_TASKS)} "
                          "or pass --train-file/--validation-file")
     spec = NAMED_TASKS[name]
-    data = _load_offline(spec) if name in OFFLINE_TASKS else _load_hub(spec, cache_dir)
+    data = _load_offline(spec) if name in OFFLINE_TASKS else load_hub(spec, cache_dir)
     for split, ds in [("train", data.train), *data.evals.items()]:
         if len(ds) == 0:
             raise ValueError(f"--task {name}: the {split} split has no rows")

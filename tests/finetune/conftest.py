@@ -5,6 +5,7 @@ test session and shared by every xdist worker (a file lock: one builds, the othe
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -17,7 +18,10 @@ PRETRAIN_STEPS = 30
 def _shared(tmp_path_factory, name: str) -> tuple[Path, object]:
     from filelock import FileLock
 
-    root = tmp_path_factory.getbasetemp().parent / "sctd-finetune"
+    # Under xdist the parent of the worker's base folder is this session's, shared by all workers;
+    # without xdist it would outlive the session, so the base folder itself is used.
+    base = tmp_path_factory.getbasetemp()
+    root = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "sctd-finetune"
     root.mkdir(parents=True, exist_ok=True)
     return root / name, FileLock(str(root / f"{name}.lock"))
 
@@ -77,6 +81,12 @@ SQUAD_ARTICLES = [
      [("Who wrote the report?", "Alice"), ("Who reviewed the report?", "Bob"),
       ("When was the report written?", "2019"), ("Who painted the picture?", None)]),
 ]
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    """One JSON object per line (the run_glue jsonl convention)."""
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
 
 
 def write_squad(path: Path, articles=SQUAD_ARTICLES) -> Path:

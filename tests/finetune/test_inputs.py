@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from sctd_dist.finetune.cli import main
-from sctd_dist.finetune.tasks import load_local
+from tests.finetune.conftest import write_jsonl
 
 
 def _fail(capsys, model: Path, out: Path, *args: str) -> str:
@@ -20,16 +20,11 @@ def _fail(capsys, model: Path, out: Path, *args: str) -> str:
     return err
 
 
-def _jsonl(path: Path, rows: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
-
-
 GOOD = [{"sentence1": "a cat sat", "label": 0}, {"sentence1": "a dog ran", "label": 1}]
 
 
 def test_missing_file(capsys, exported_model, tmp_path):
-    valid = _jsonl(tmp_path / "valid.jsonl", GOOD)
+    valid = write_jsonl(tmp_path / "valid.jsonl", GOOD)
     err = _fail(capsys, exported_model, tmp_path / "out", "--train-file", str(tmp_path / "nope.csv"),
                 "--validation-file", str(valid))
     assert "--train-file" in err and "nope.csv" in err and "does not exist" in err
@@ -38,7 +33,7 @@ def test_missing_file(capsys, exported_model, tmp_path):
 def test_wrong_column_names(capsys, exported_model, tmp_path):
     train = tmp_path / "train.csv"
     train.write_text("text,target\nhello there,1\ngood bye,0\n")
-    valid = _jsonl(tmp_path / "valid.jsonl", GOOD)
+    valid = write_jsonl(tmp_path / "valid.jsonl", GOOD)
     err = _fail(capsys, exported_model, tmp_path / "out", "--train-file", str(train),
                 "--validation-file", str(valid))
     assert "--train-file" in err and "['text', 'target']" in err and "sentence1" in err and "label" in err
@@ -56,7 +51,7 @@ def test_string_labels_for_a_regression_task(capsys, exported_model, tmp_path):
 
 @pytest.mark.parametrize("empty", ["header_only", "zero_bytes"])
 def test_an_empty_split(capsys, exported_model, tmp_path, empty):
-    train = _jsonl(tmp_path / "train.jsonl", GOOD)
+    train = write_jsonl(tmp_path / "train.jsonl", GOOD)
     if empty == "header_only":
         valid = tmp_path / "valid.csv"
         valid.write_text("sentence1,label\n")
@@ -69,8 +64,8 @@ def test_an_empty_split(capsys, exported_model, tmp_path, empty):
 
 
 def test_validation_label_unknown_to_training(capsys, exported_model, tmp_path):
-    train = _jsonl(tmp_path / "train.jsonl", GOOD)
-    valid = _jsonl(tmp_path / "valid.jsonl", [{"sentence1": "a bird", "label": 7}])
+    train = write_jsonl(tmp_path / "train.jsonl", GOOD)
+    valid = write_jsonl(tmp_path / "valid.jsonl", [{"sentence1": "a bird", "label": 7}])
     err = _fail(capsys, exported_model, tmp_path / "out", "--train-file", str(train),
                 "--validation-file", str(valid), "--cache-dir", str(tmp_path / "hf"))
     assert "['7']" in err and "training split" in err
@@ -96,16 +91,3 @@ def test_model_folder_that_is_neither_export_nor_checkpoint(capsys, tmp_path):
     (tmp_path / "model").mkdir()
     err = _fail(capsys, tmp_path / "model", tmp_path / "out", "--task", "stdlib-topic")
     assert "neither a Hugging Face folder" in err
-
-
-def test_local_files_infer_the_task_type(tmp_path):
-    rows = [{"sentence1": "a", "sentence2": "b", "label": 0.25},
-            {"sentence1": "c", "sentence2": "d", "label": 4.0}]
-    reg = load_local(_jsonl(tmp_path / "t.jsonl", rows), _jsonl(tmp_path / "v.jsonl", rows),
-                     cache_dir=str(tmp_path))
-    assert reg.spec.kind == "regression" and reg.spec.metrics == ("pearson", "spearmanr") and reg.spec.is_pair
-    words = [{"sentence1": "a", "label": "pos"}, {"sentence1": "b", "label": "neg"}]
-    cls = load_local(_jsonl(tmp_path / "t2.jsonl", words), _jsonl(tmp_path / "v2.jsonl", words),
-                     cache_dir=str(tmp_path))
-    assert cls.spec.kind == "classification" and cls.labels == ["neg", "pos"]
-    assert cls.spec.metrics == ("accuracy",)
