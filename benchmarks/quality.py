@@ -195,8 +195,13 @@ def summarize(result: dict[str, Any]) -> tuple[dict[str, Any], list[dict[str, An
     for a, b in PAIRS:
         for q, direction in quantities(result).items():
             sa, sb = summary[a][q], summary[b][q]
-            if not sa.get("values") or not sb.get("values") or sa["n"] < sa["of"] or sb["n"] < sb["of"]:
-                continue  # drift is undefined for the baseline; an arm that never reached the target
+            if not sa.get("values") or not sb.get("values"):
+                continue  # drift is undefined for the baseline
+            if sa["n"] < sa["of"] or sb["n"] < sb["of"]:  # some seed never reached the target
+                comparisons.append({"arms": [a, b], "quantity": q, "mean_difference": None,
+                                    "reached": {a: f"{sa['n']}/{sa['of']}", b: f"{sb['n']}/{sb['of']}"},
+                                    "better": None, "exceeds_seed_spread": False})
+                continue
             diff = sa["mean"] - sb["mean"]
             paired = [x - y for x, y in zip(_values(result, a, q), _values(result, b, q))]
             comparisons.append({
@@ -233,6 +238,10 @@ def verdicts(comparisons: list[dict[str, Any]]) -> list[str]:
     lines = []
     for c in comparisons:
         a, b = c["arms"]
+        if c["mean_difference"] is None:
+            lines.append(f"{LABELS[a]} vs {LABELS[b]}, {c['quantity']}: not comparable, reached in "
+                         f"{c['reached'][a]} and {c['reached'][b]} seeds")
+            continue
         ahead = f"{LABELS[c['better']]} ahead" if c["better"] else "level"
         lines.append(f"{LABELS[a]} vs {LABELS[b]}, {c['quantity']}: {c['mean_difference']:+.4f} ({ahead}), "
                      f"{'exceeds' if c['exceeds_seed_spread'] else 'within'} the seed spread")

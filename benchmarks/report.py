@@ -117,16 +117,19 @@ def convergence(d: dict[str, Any]) -> str:
 
 
 def quality(d: dict[str, Any]) -> str:
+    from quality import summarize, table, verdicts
+
     s = d["settings"]
+    summary, comparisons = summarize(d)  # derived from the raw per-seed records in the file
     majority = ", ".join(f"{t} {v:.3f}" for t, v in d.get("majority_class_accuracy", {}).items())
-    lines = [d["table"], "",
+    lines = [table(d, summary), "",
              f"Model: {s['layers']} layers, hidden {s['hidden']}, seq {s['seq_length']}, batch {s['batch']}, "
              f"lr {s['lr']}; {s['budget_s']:.0f} s of training per arm and seed, seeds {s['seeds']}, every arm "
              "of every seed interleaved in one process; mean ± std over seeds. Each final model fine-tuned on "
              f"{', '.join(s['tasks'])} (lr {s['ft_lr']}, {s['ft_epochs']:g} epochs, its pretraining seed)"
              + (f"; majority-class accuracy {majority}." if majority else "."), "",
              "Differences between arms, and whether they exceed the seed spread (the arms' min-max ranges "
-             "over seeds do not overlap):", "", *[f"- {v}" for v in d["verdicts"]], "",
+             "over seeds do not overlap):", "", *[f"- {v}" for v in verdicts(comparisons)], "",
              "![pretraining](quality_pretraining.png)", "", "![downstream](quality_downstream.png)"]
     return "\n".join(lines)
 
