@@ -68,10 +68,7 @@ class BertSelfAttention(nn.Module):
         k = self._heads(self.key(kv_in)[0])
         v = self._heads(self.value(kv_in)[0])
         mask = None if key_mask is None else key_mask[:, None, None, :]
-        # Each TP rank owns different heads, so their dropout masks must differ.
-        with tp.sharded_rng(self.ctx, True):
-            out = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, dropout_p=self.dropout_p if self.training else 0.0)
+        out = tp.attention(q, k, v, mask, self.dropout_p if self.training else 0.0, self.ctx)
         b, _, sq, _ = out.shape
         return out.transpose(1, 2).reshape(b, sq, self.heads * self.head_dim)
 
