@@ -42,6 +42,7 @@ class TrainConfig:
     log_dir: Path | None = None
     seed: int = 1234
     activation_checkpointing: bool = False
+    compile: bool = False
     init_hf: Path | None = None
     lr: float | None = None
     whole_word_masking: bool = False
@@ -117,6 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--tensor-model-parallel-size", type=int, default=1)
     g.add_argument("--sequence-parallel", action="store_true")
     g.add_argument("--activation-checkpointing", action="store_true")
+    g.add_argument("--compile", action="store_true",
+                   help="torch.compile each encoder layer (fused kernels on GPUs)")
     g = p.add_argument_group("token dropping")
     g.add_argument("--token-drop", choices=["none", "vanilla", "sctd"], default="sctd")
     g.add_argument("--token-keep-ratio", type=float, default=0.5)
@@ -169,7 +172,8 @@ def parse_args(argv: Sequence[str] | None = None) -> TrainConfig:
             eval_interval=a.eval_interval, eval_iters=a.eval_iters, save=a.save,
             save_interval=a.save_interval, load=a.load, keep_last=a.keep_last, log_dir=a.log_dir,
             seed=a.seed,
-            activation_checkpointing=a.activation_checkpointing, init_hf=a.init_hf, lr=a.lr,
+            activation_checkpointing=a.activation_checkpointing, compile=a.compile, init_hf=a.init_hf,
+            lr=a.lr,
             whole_word_masking=a.whole_word_masking, progress=a.progress,
         )
     except ValueError as exc:

@@ -4,6 +4,7 @@ a final summary. One JSON object per optimizer step, eval records and lifecycle 
 from __future__ import annotations
 
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -69,6 +70,23 @@ def model_state_bytes(engine) -> int:
     return int(params + master + states)
 
 
+def runtime_info(model_cfg: BertModelConfig, ctx: ParallelContext, seq_length: int,
+                 dtype: torch.dtype, compiled: bool) -> dict[str, Any]:
+    """How this run executes: the memory allocator, the attention kernel that
+    scaled_dot_product_attention picks for the layers' shapes (flash / efficient / math), and
+    whether the encoder layers are compiled."""
+    from sctd_dist.allocator import in_use
+    from sctd_dist.parallel.kernels import sdpa_backend
+
+    heads = model_cfg.num_attention_heads // ctx.tp_size
+    dropout = model_cfg.attention_probs_dropout_prob
+    if compiled and ctx.tp_size > 1 and dropout > 0:
+        backend = "math (compiled, TP-sharded attention dropout)"  # see parallel.layers.attention
+    else:
+        backend = sdpa_backend(1, heads, seq_length, model_cfg.head_dim, dtype, ctx.device, dropout)
+    return {"allocator": in_use(), "sdpa_backend": backend, "compile": compiled}
+
+
 class MetricsLogger:
     """Rank 0 writes; every rank takes part in the DP average of the step's numbers."""
 
@@ -110,6 +128,13 @@ class MetricsLogger:
     def _write(self, record: dict[str, Any]) -> None:
         if self._jsonl is not None:
             self._jsonl.write(json.dumps(record) + "\n")
+
+    def announce(self, runtime: dict[str, Any]) -> None:
+        """One start-up line on rank 0 (stderr) saying how the run executes."""
+        if self.rank0:
+            words = {True: "on", False: "off"}
+            text = ", ".join(f"{k.replace('_', ' ')} {words.get(v, v)}" for k, v in runtime.items())
+            print(f"runtime: {text}", file=sys.stderr, flush=True)
 
     def event(self, kind: str, **fields: Any) -> None:
         """A lifecycle record (start, resume, checkpoint, preempted)."""

@@ -21,7 +21,7 @@ from sctd_dist import checkpoint, preemption
 from sctd_dist.arguments import TrainConfig, parse_args
 from sctd_dist.ds_config import (apply_schedule, check_device_support, load_ds_config, precision,
                                  resolve_batch_sizes, validate_with_deepspeed, zero_stage)
-from sctd_dist.metrics import MetricsLogger, StepTimer
+from sctd_dist.metrics import MetricsLogger, StepTimer, runtime_info
 from sctd_dist.model.config import BertModelConfig
 from sctd_dist.model.pretraining import PretrainingModel
 from sctd_dist.parallel import MegatronMPU, ParallelContext, check_tp_size, initialize
@@ -152,6 +152,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     if cfg.init_hf is not None:
         _load_hf_weights(model, cfg.init_hf)
     model.to(ctx.device)
+    if cfg.compile:
+        model.compile_layers()
     plan = checkpoint.plan_resume(cfg.load_dir, run_record(cfg, model_cfg, ctx, ds, 0, 0, data_dir))
     if plan is not None and plan.universal:
         ds["checkpoint"] = {"load_universal": True}
@@ -168,9 +170,11 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
 
     logger = MetricsLogger(cfg.log_dir, ctx, model_cfg, cfg, ds, total_steps=cfg.train_iters,
                            start_step=step, progress=cfg.progress)
+    runtime = runtime_info(model_cfg, ctx, cfg.seq_length, precision(ds), cfg.compile)
+    logger.announce(runtime)
     logger.event("start" if tag is None else "resume", step=step, consumed_samples=consumed,
                  checkpoint=tag, world_size=ctx.world_size, dp_size=ctx.dp_size,
-                 tp_size=ctx.tp_size, precision=str(precision(ds)), zero_stage=zero_stage(ds))
+                 tp_size=ctx.tp_size, precision=str(precision(ds)), zero_stage=zero_stage(ds), **runtime)
     timer = StepTimer(ctx.device)
     stopped_by_signal = False
     save_every = cfg.save_interval

@@ -117,6 +117,12 @@ class PretrainingModel(nn.Module):
             result["eval_cls_cosine_centered"] = cls_cosine(full_cls, drop_cls, centered=True).item()
         return result
 
+    def compile_layers(self) -> int:
+        """`torch.compile` each encoder layer in place (see `sctd_dist.parallel.kernels`)."""
+        from sctd_dist.parallel.kernels import compile_each
+
+        return compile_each(self.mlm.bert.encoder.layer)
+
     def update_importance(self) -> None:
         """Fold this optimizer step's masked-token losses into the importance table (all ranks)."""
         if not self.drop.enabled:
