@@ -221,6 +221,7 @@ class BertLMPredictionHead(nn.Module):
         super().__init__()
         self.ctx = ctx
         self.transform = BertPredictionHeadTransform(cfg)
+        self.tied = None  # the word embeddings' TiedWeight, set by the model that ties them
         shard = cfg.padded_vocab_size(ctx.tp_size) // ctx.tp_size
         self.bias = nn.Parameter(torch.zeros(shard))
         tp.mark_tensor_parallel(self.bias)
@@ -233,7 +234,7 @@ class BertLMPredictionHead(nn.Module):
         """Vocab-parallel logits [n, V_padded/tp] of replicated hidden states [n, h]."""
         h = self.transform(h)
         bias = self.bias + self.padding_bias.to(self.bias.dtype)
-        return F.linear(tp.copy_to_tensor_parallel(h, self.ctx), decoder_weight, bias)
+        return tp.tied_decoder(h, decoder_weight, bias, self.tied, self.ctx)
 
 
 class BertOnlyMLMHead(nn.Module):
@@ -269,6 +270,7 @@ class BertForMaskedLM(nn.Module):
         self.bert = BertModel(cfg, ctx)
         self.cls = BertOnlyMLMHead(cfg, ctx)
         tp.share_parameter(self.cls.predictions, self.bert.embeddings.word_embeddings.weight)
+        self.cls.predictions.tied = self.bert.embeddings.word_embeddings.tied
         self.vocab_start = ctx.tp_rank * cfg.padded_vocab_size(ctx.tp_size) // ctx.tp_size
 
     def forward(

@@ -77,13 +77,24 @@ def row_parallel_linear(in_features: int, out_features: int, ctx: ParallelContex
 
 
 def vocab_parallel_embedding(num_embeddings: int, dim: int, ctx: ParallelContext, std: float):
-    """Vocabulary-sharded embedding (output replicated over the TP group; sparse weight gradient)."""
+    """Vocabulary-sharded embedding (output replicated over the TP group); a decoder tied to its
+    weight runs through `tied_decoder`."""
     from sctd_dist.parallel.tensor_parallel import VocabParallelEmbedding
 
     return VocabParallelEmbedding(
         num_embeddings, dim, init_method=normal_init(std), config=_mcore_config(ctx),
         tp_group=ctx.tp_group,
     )
+
+
+def tied_decoder(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, tied,
+                 ctx: ParallelContext) -> torch.Tensor:
+    """Vocab-parallel logits of replicated rows `h` with the weight of a
+    `vocab_parallel_embedding` (`tied`: its `.tied`): the weight's gradient from both uses is
+    assembled without a second V x h buffer (see `tied_embedding`)."""
+    from sctd_dist.parallel.tied_embedding import decoder
+
+    return decoder(copy_to_tensor_parallel(h, ctx), weight, bias, tied)
 
 
 def mark_tensor_parallel(param: torch.Tensor, dim: int = 0) -> None:

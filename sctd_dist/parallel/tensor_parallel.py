@@ -21,6 +21,8 @@ from megatron.core.tensor_parallel import VocabParallelEmbedding as _McoreEmbedd
 from megatron.core.tensor_parallel.mappings import reduce_from_tensor_model_parallel_region
 from megatron.core.utils import get_pg_size
 
+from sctd_dist.parallel.tied_embedding import TiedWeight, lookup
+
 
 class _StaticGroupSize:
     """Records the TP group's size as a plain int at construction: a compiled graph specialises
@@ -57,23 +59,19 @@ class RowParallelLinear(_StaticGroupSize, _McoreRow):
 
 
 class VocabParallelEmbedding(_StaticGroupSize, _McoreEmbedding):
-    """Vocabulary-sharded lookup whose weight gradient is sparse (the looked-up rows only).
+    """Vocabulary-sharded lookup whose weight gradient only touches the looked-up rows, added
+    into the tied MLM decoder's gradient (`tied_embedding`; the decoder joins through `tied`)."""
 
-    The word embeddings are tied to the MLM decoder, whose GEMM produces a dense V x h weight
-    gradient anyway. A dense lookup gradient would be a second V x h buffer (zero-filled, then
-    summed into the first); a sparse one is added into the decoder's gradient row by row by
-    autograd's input buffer before the parameter's gradient is written, so optimizers, DeepSpeed
-    and ZeRO still see one dense gradient. `sparse_grad = False` restores the dense path.
-    """
-
-    sparse_grad: bool = True
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.tied = TiedWeight()
 
     def forward(self, input_: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         """Embeddings of global ids [b, s] -> [b, s, h], summed over the TP group."""
         if self.tp_world == 1:
-            return F.embedding(input_, self.weight, sparse=self.sparse_grad)
+            return lookup(input_, self.weight, self.tied)
         outside = (input_ < self.vocab_start_index) | (input_ >= self.vocab_end_index)
         local = (input_ - self.vocab_start_index).masked_fill(outside, 0)
-        rows = F.embedding(local, self.weight, sparse=self.sparse_grad)
+        rows = lookup(local, self.weight, self.tied)
         rows = rows.masked_fill(outside.unsqueeze(-1), 0.0)  # another shard owns these ids
         return reduce_from_tensor_model_parallel_region(rows, group=self.tp_group)

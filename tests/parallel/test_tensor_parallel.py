@@ -3,12 +3,14 @@
 * every encoder layer layout (all tokens, padded, the split layer, a kept-only layer) traces as
   one graph with no break, fp32 and bf16, dropout on, TP=1 in process and TP=2 (with and without
   sequence parallelism) on two gloo ranks;
-* the word-embedding gradient built sparsely (looked-up rows added into the tied decoder's
-  gradient) equals the dense one at TP=1, at TP=2 and under a real ZeRO-3 engine.
+* the word-embedding gradient built from the looked-up rows alone (added into the tied
+  decoder's gradient, `tied_embedding`) equals autograd's dense one at TP=1, at TP=2 and under
+  a real ZeRO-3 engine.
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 
 import pytest
@@ -78,7 +80,7 @@ def embedding_grads(ctx, sparse: bool) -> dict[str, torch.Tensor]:
     cfg = small_config()
     model = BertForMaskedLM(cfg, ctx)
     load_hf_state_dict(model, hf_reference_state(cfg))
-    model.bert.embeddings.word_embeddings.sparse_grad = sparse
+    model.bert.embeddings.word_embeddings.tied.enabled = sparse
     importance = torch.rand(cfg.vocab_size, generator=torch.Generator().manual_seed(3))
     for seed in (0, 1):
         batch = make_batch(seed=seed)
@@ -106,8 +108,23 @@ def _assert_grads_equal(sparse: dict[str, torch.Tensor], dense: dict[str, torch.
         assert err <= 1e-6, f"{name}: error {err:.2e} of {scale:.2e}"
 
 
+def _op_counts(ctx, sparse: bool) -> collections.Counter:
+    from torch.profiler import profile
+
+    with profile() as prof:
+        embedding_grads(ctx, sparse)
+    return collections.Counter(e.name for e in prof.events())
+
+
 def test_sparse_embedding_gradient_equals_dense_tp1(ctx1) -> None:
     _assert_grads_equal(embedding_grads(ctx1, True), embedding_grads(ctx1, False))
+    # Four word-embedding lookups (two passes, two micro-batches): their rows go into the
+    # decoder's gradient (index_add_) instead of a dense lookup gradient each. The position and
+    # token-type embeddings keep their (small) dense backward in both runs.
+    ours, dense = _op_counts(ctx1, True), _op_counts(ctx1, False)
+    dense_lookup = "aten::embedding_dense_backward"
+    assert dense[dense_lookup] - ours[dense_lookup] == 4
+    assert ours["aten::index_add_"] - dense["aten::index_add_"] >= 2  # the passes with a decoder
 
 
 def tp2_rank(rank: int, world: int) -> dict:
@@ -163,7 +180,7 @@ def zero3_rank(rank: int, world: int) -> dict[str, torch.Tensor]:
     reference, model = BertForMaskedLM(cfg, ctx), BertForMaskedLM(cfg, ctx)
     for m in (reference, model):
         load_hf_state_dict(m, state)
-    reference.bert.embeddings.word_embeddings.sparse_grad = False
+    reference.bert.embeddings.word_embeddings.tied.enabled = False
     batch = make_batch()
     reference(**batch).loss.backward()
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=list(model.parameters()),
