@@ -12,13 +12,13 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from sctd_dist.data.tokenizer import SpecialTokenIds
 from sctd_dist.model.bert import BertForMaskedLM, MLMOutput
 from sctd_dist.model.config import BertModelConfig, TokenDropConfig
 from sctd_dist.model.consistency import cls_cosine, consistency_terms
 from sctd_dist.model.importance import TokenImportance
 from sctd_dist.model.router import Routing, num_kept, route
 from sctd_dist.parallel.state import ParallelContext
+from sctd_dist.special_tokens import SpecialTokenIds
 
 
 class StepOutput(NamedTuple):

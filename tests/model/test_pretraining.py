@@ -7,8 +7,8 @@ import torch
 from sctd_dist.hf import load_hf_state_dict
 from sctd_dist.model.config import TokenDropConfig
 from sctd_dist.model.consistency import cls_kl
-from sctd_dist.data.tokenizer import SpecialTokenIds
 from sctd_dist.model.pretraining import PretrainingModel
+from sctd_dist.special_tokens import SpecialTokenIds
 from tests.model.common import SPECIAL, hf_reference_state, make_batch, small_config
 
 SPECIALS = SpecialTokenIds(cls=SPECIAL["cls"], sep=SPECIAL["sep"], mask=SPECIAL["mask"],
