@@ -54,7 +54,6 @@ class PretrainingModel(nn.Module):
             init_value=drop_config.importance_init, beta=drop_config.importance_beta,
             dp_group=ctx.dp_group if ctx.dp_size > 1 else None,
         )
-        self.encoder_passes = 0  # counted so tests can see off-steps run one forward
         self._pending: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     def check_seq_length(self, seq_length: int) -> None:
@@ -70,7 +69,6 @@ class PretrainingModel(nn.Module):
                      sequence_parallel=self.ctx.sequence_parallel)
 
     def _pass(self, batch: dict[str, torch.Tensor], routing: Routing | None, want_cls: bool) -> MLMOutput:
-        self.encoder_passes += 1
         return self.mlm(batch["input_ids"], batch["attention_mask"], batch["labels"],
                         batch.get("token_type_ids"), routing=routing,
                         split_layer=self.split_layer, return_cls=want_cls)
@@ -137,5 +135,4 @@ class PretrainingModel(nn.Module):
         # Detached tensors, not floats: no host sync per micro-batch; the loop converts once.
         n = max(out.targets.numel(), 1)
         return {"loss": loss.detach(), "mlm_loss": out.loss.detach(),
-                "mlm_acc": out.num_correct.detach() / n,
-                "masked_tokens": torch.tensor(float(out.targets.numel()))}
+                "mlm_acc": out.num_correct.detach() / n}

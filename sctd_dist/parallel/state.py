@@ -39,10 +39,6 @@ class ParallelContext:
     def world_size(self) -> int:
         return self.tp_size * self.dp_size
 
-    @property
-    def is_first_rank(self) -> bool:
-        return self.tp_rank == 0 and self.dp_rank == 0
-
 
 def check_tp_size(tp_size: int, world_size: int) -> None:
     """Fail before any group is made when the TP size cannot tile the world."""
@@ -116,16 +112,6 @@ def initialize(
     set_seeds(seed, dp_rank=ctx.dp_rank, tp_rank=ctx.tp_rank, device=device)
     os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
     return ctx
-
-
-def destroy() -> None:
-    """Tear down megatron-core's groups and the default group (tests, clean exits)."""
-    from megatron.core import parallel_state as ps
-
-    if ps.model_parallel_is_initialized():
-        ps.destroy_model_parallel()
-    if dist.is_initialized():
-        dist.destroy_process_group()
 
 
 class MegatronMPU:
