@@ -7,7 +7,7 @@ import torch
 from sctd_dist.hf import load_hf_state_dict
 from sctd_dist.model.config import TokenDropConfig
 from sctd_dist.model.consistency import cls_kl
-from sctd_dist.model.pretraining import PretrainingModel
+from sctd_dist.model.pretraining import PretrainingModel, check_layout
 from sctd_dist.special_tokens import SpecialTokenIds
 from tests.model.common import SPECIAL, hf_reference_state, make_batch, small_config
 
@@ -105,18 +105,15 @@ def test_importance_update_uses_the_dropping_pass_losses(ctx1):
     assert torch.equal(after[untouched], before[untouched])
 
 
-def test_sequence_length_checked_against_the_layout(ctx1):
-    import dataclasses
-
+def test_sequence_length_checked_against_the_layout():
     import pytest
 
-    model = PretrainingModel(CFG, TokenDropConfig(mode="vanilla", keep_ratio=0.5), SPECIALS,
-                             dataclasses.replace(ctx1, tp_size=2, sequence_parallel=True))
+    drop = TokenDropConfig(mode="vanilla", keep_ratio=0.5)
     with pytest.raises(ValueError, match="not divisible by TP=2"):
-        model.check_seq_length(62)
-    model.check_seq_length(60)
+        check_layout(CFG, drop, 62, tp_size=2, sequence_parallel=True)
+    check_layout(CFG, drop, 60, tp_size=2, sequence_parallel=True)
     with pytest.raises(ValueError, match="exceeds max_position_embeddings"):
-        model.check_seq_length(128)
+        check_layout(CFG, drop, 128, tp_size=2, sequence_parallel=True)
 
 
 def test_evaluate_reports_the_cls_drift_of_the_dropping_path(ctx1):
