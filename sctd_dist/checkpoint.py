@@ -266,6 +266,10 @@ class Checkpointer:
             raise RuntimeError(f"DeepSpeed could not load checkpoint {plan.tag} from {self.load_dir}")
         source = self.load_dir / plan.source_tag
         replicated = torch.load(source / STATE_FILE, map_location="cpu", weights_only=False)
+        missing = sorted(n for n, obj in self.states.items() if not _per_rank(obj) and n not in replicated)
+        if missing:
+            raise RuntimeError(f"{source / STATE_FILE} holds no {missing} state: the checkpoint was "
+                               "written by an older sctd-dist, which kept the data position elsewhere")
         for name, obj in self.states.items():
             own = source / f"{name}_rank{rank()}.pt"
             if not _per_rank(obj):

@@ -20,11 +20,13 @@ T = TypeVar("T")
 
 def flag(default: Any = dataclasses.MISSING, help: str = "", *, name: str | None = None,  # noqa: A002
          aliases: tuple[str, ...] = (), choices: typing.Iterable[Any] | None = None,
-         group: str | None = None, default_factory: Any = dataclasses.MISSING) -> Any:
-    """A dataclass field that is also the flag `name` (default: `--field-name`)."""
+         metavar: str | None = None, group: str | None = None,
+         default_factory: Any = dataclasses.MISSING) -> Any:
+    """A dataclass field that is also the flag `name` (default: `--field-name`); `metavar`
+    names its value in the help (default: the flag's name in capitals)."""
     return dataclasses.field(
         default=default, default_factory=default_factory,
-        metadata={"flag": name, "aliases": aliases, "help": help, "group": group,
+        metadata={"flag": name, "aliases": aliases, "help": help, "group": group, "metavar": metavar,
                   "choices": None if choices is None else list(choices)})
 
 
@@ -67,7 +69,8 @@ def add_flags(parser: argparse.ArgumentParser, cls: type, prefix: str = "",
         elif f.metadata["choices"]:
             options.update(type=kind, choices=f.metadata["choices"])
         else:  # named after the flag, not after the (dotted) destination
-            options.update(type=kind, metavar=names[0].lstrip("-").replace("-", "_").upper())
+            options.update(type=kind, metavar=f.metadata["metavar"]
+                           or names[0].lstrip("-").replace("-", "_").upper())
         groups[title].add_argument(*names, **options)
 
 
