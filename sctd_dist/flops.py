@@ -53,7 +53,8 @@ def step_flops_per_sequence(cfg: BertModelConfig, drop: TokenDropConfig, seq: in
     split = drop.resolve_split_layer(cfg.num_hidden_layers)
     flops = 3 * sequence_forward_flops(cfg, seq, masked, kept, split)
     if drop.is_sctd_step(step):
-        flops += 3 * sequence_forward_flops(cfg, seq, masked)  # the full-token pass
+        # The full-token pass; its MLM head runs only when its loss is mixed in.
+        flops += 3 * sequence_forward_flops(cfg, seq, masked if drop.mlm_mix > 0 else 0.0)
     return flops
 
 

@@ -251,10 +251,11 @@ class MLMOutput(NamedTuple):
     Module outputs are NamedTuples, not dataclasses: ZeRO-3 finds the tensors of a module's
     output to hook its backward, and it looks inside tuples, lists and dicts only."""
 
-    loss: torch.Tensor  # mean MLM loss over this replica's masked positions
-    per_token_loss: torch.Tensor  # [n_masked], detached-safe inputs for the importance update
-    targets: torch.Tensor  # [n_masked] target ids
-    num_correct: torch.Tensor  # scalar, argmax == target over the full vocabulary
+    # The MLM fields are None when the forward ran without labels (no MLM head).
+    loss: torch.Tensor | None  # mean MLM loss over this replica's masked positions
+    per_token_loss: torch.Tensor | None  # [n_masked], inputs for the importance update
+    targets: torch.Tensor | None  # [n_masked] target ids
+    num_correct: torch.Tensor | None  # scalar, argmax == target over the full vocabulary
     cls_penultimate: torch.Tensor | None = None  # [b, h] [CLS] at the output of layer L-2
     cls_final: torch.Tensor | None = None  # [b, h] [CLS] at the final layer
 
@@ -276,13 +277,16 @@ class BertForMaskedLM(nn.Module):
         self,
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor,
-        labels: torch.Tensor,
+        labels: torch.Tensor | None,
         token_type_ids: torch.Tensor | None = None,
         routing: Routing | None = None,
         split_layer: int | None = None,
         return_cls: bool = False,
     ) -> MLMOutput:
-        """input_ids/attention_mask/labels: [b, s] (labels -100 where nothing is predicted)."""
+        """input_ids/attention_mask/labels: [b, s] (labels -100 where nothing is predicted).
+
+        `labels` None runs the encoder only: no MLM head, no logits (a consistency pass needs
+        just the [CLS] vectors)."""
         if token_type_ids is None:
             token_type_ids = torch.zeros_like(input_ids)
         # One host sync per forward buys the unmasked (fused) attention kernels on packed data.
@@ -290,7 +294,7 @@ class BertForMaskedLM(nn.Module):
         x = self.bert.embeddings(input_ids, token_type_ids)
         enc = self.bert.encoder(x, key_mask, routing, split_layer)
         hidden = tp.leave_to_replicated(enc.hidden, self.ctx)
-        out = self._mlm(hidden, labels)
+        out = MLMOutput(None, None, None, None) if labels is None else self._mlm(hidden, labels)
         if return_cls:
             out = out._replace(
                 cls_final=hidden[:, 0],

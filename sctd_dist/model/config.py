@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -154,9 +155,14 @@ class TokenDropConfig:
     split_layer: int | None = flag(None, "index of the split layer (default: num_layers/2 - 1)",
                                    name="--token-drop-split-layer")
     sctd_interval: int = flag(10, "consistency step every N optimizer steps, step 0 included")
-    sctd_weight: float = flag(0.05, "weight w of the consistency term w*(KL_local + KL_global)")
-    full_mlm_weight: float = flag(0.0, "weight of the full-token pass's own MLM loss on ScTD steps "
-                                  "(0: the released objective)", name="--sctd-full-mlm-weight")
+    sctd_weight: float = flag(0.05, "weight w of the consistency term (averaged per masked token like "
+                              "the MLM loss)")
+    # On consistency steps the MLM part is (1 - mix) * MLM_drop + mix * MLM_full. 0 is what the
+    # released code effectively optimises (the full pass then runs no MLM head); 0.5 is what it
+    # was written to do.
+    mlm_mix: float = flag(0.0, "on consistency steps the MLM loss is (1-ALPHA)*MLM_drop + "
+                          "ALPHA*MLM_full; 0 is the released code's effective objective, 0.5 what "
+                          "it was written to do", name="--sctd-mlm-mix", metavar="ALPHA")
     importance_beta: float = flag(0.95, "EMA factor of the token-importance table")
     importance_init: float = 10.0
 
@@ -167,8 +173,10 @@ class TokenDropConfig:
             raise ValueError(f"--token-keep-ratio must be in (0, 1], got {self.keep_ratio}")
         if self.sctd_interval < 1:
             raise ValueError(f"--sctd-interval must be >= 1, got {self.sctd_interval}")
-        if self.sctd_weight < 0 or self.full_mlm_weight < 0:
-            raise ValueError("--sctd-weight and the full-pass MLM weight must be >= 0")
+        if not (math.isfinite(self.sctd_weight) and self.sctd_weight >= 0):
+            raise ValueError(f"--sctd-weight must be a finite number >= 0, got {self.sctd_weight}")
+        if not 0.0 <= self.mlm_mix <= 1.0:  # also refuses NaN
+            raise ValueError(f"--sctd-mlm-mix must be in [0, 1], got {self.mlm_mix}")
         if not 0.0 <= self.importance_beta < 1.0:
             raise ValueError(f"importance beta must be in [0, 1), got {self.importance_beta}")
 
