@@ -9,7 +9,6 @@ torchrun by `train_runs.run_training(..., script=HF_TRAIN_PY)`.
 
 from __future__ import annotations
 
-import dataclasses
 import sys
 from pathlib import Path
 
@@ -23,48 +22,53 @@ def main(argv: list[str] | None = None) -> int:
     from transformers import BertForMaskedLM
 
     from sctd_dist.arguments import parse_args
+    from sctd_dist.data.loader import PretrainingDataLoader
+    from sctd_dist.data.masking import MaskingConfig
     from sctd_dist.ds_config import load_ds_config
-    from sctd_dist.metrics import MetricsLogger, StepTimer
-    from sctd_dist.model.config import BertModelConfig, TokenDropConfig
+    from sctd_dist.flops import step_flops
+    from sctd_dist.metrics import MetricsLogger, StepTimer, engine_stats
+    from sctd_dist.model.config import TokenDropConfig
     from sctd_dist.parallel import MegatronMPU, initialize
-    from sctd_dist.train import _to_device, build_data, prepare_ds_config
+    from sctd_dist.run import model_config, open_data, prepare_ds_config
+    from sctd_dist.train import _to_device
 
     cfg = parse_args(argv)
     if cfg.tensor_model_parallel_size != 1:
         print("error: the transformers reference runs at --tensor-model-parallel-size 1", file=sys.stderr)
         return 2
+    data_dir, train_set, _ = open_data(cfg)
+    model_cfg = model_config(cfg, train_set.vocab_size, data_dir)
     ctx = initialize(1, seed=cfg.seed)
     ds = prepare_ds_config(cfg, load_ds_config(cfg.deepspeed_config), ctx.dp_size, ctx.device.type)
-    model_cfg = BertModelConfig.from_preset(cfg.model, cfg.model_config)
-    _, train_set, loader, _ = build_data(cfg, model_cfg, ctx, ds)
-    if cfg.model_config is None:  # the presets take the data's vocabulary, as in train.py
-        model_cfg = BertModelConfig.from_preset(cfg.model, vocab_size=train_set.vocab_size)
+    masking = MaskingConfig(whole_word_masking=cfg.whole_word_masking)
+    batch = ds["train_batch_size"]
+    loader = PretrainingDataLoader(train_set, global_batch_size=batch,
+                                   micro_batch_size=ds["train_micro_batch_size_per_gpu"],
+                                   dp_rank=ctx.dp_rank, dp_size=ctx.dp_size, seed=cfg.seed, masking=masking)
     model = BertForMaskedLM(model_cfg.to_hf_config()).to(ctx.device)
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=list(model.parameters()),
                                            config=ds, mpu=MegatronMPU(), dist_init_required=False)
+    logger = MetricsLogger(cfg.log_dir, ctx.device, world_size=ctx.world_size,
+                           tokens_per_step=batch * cfg.seq_length, micro_batches=loader.grad_accum,
+                           total_steps=cfg.train_iters, start_step=0, progress=False)
     # The records' tokens/s is what the comparison reads; their FLOP columns count our model's
     # work (MLM head at the masked positions), not this one's.
-    plain = dataclasses.replace(cfg, token_drop=TokenDropConfig(mode="none"))
-    logger = MetricsLogger(cfg.log_dir, ctx, model_cfg, plain, ds, total_steps=cfg.train_iters,
-                           start_step=0, progress=False)
+    flops = step_flops(model_cfg, TokenDropConfig(mode="none"), cfg.seq_length,
+                       masking.mlm_probability * cfg.seq_length, batch, 0)
     timer = StepTimer(ctx.device)
-    consumed = 0
     for step in range(cfg.train_iters):
         timer.start()
-        micro_batches = loader.batches_for_step(consumed)
+        batches = next(loader)
         loss = torch.zeros(())
-        for batch in micro_batches:
-            out = engine(**_to_device(batch, ctx.device))
+        for micro in batches:
+            out = engine(**_to_device(micro, ctx.device))
             engine.backward(out.loss)
             engine.step()
             loss += out.loss.detach().float()
-        consumed += ds["train_batch_size"]
-        elapsed = timer.stop()
-        logger.step(step, consumed, {"loss": (loss / len(micro_batches)).item()}, engine, elapsed,
-                    len(micro_batches))
-    logger.finish(cfg.train_iters, consumed, False)
+        numbers = {"loss": (loss / len(batches)).item(), **engine_stats(engine)}
+        logger.step(step, loader.consumed_samples, numbers, timer.stop(), flops)
+    logger.finish(cfg.train_iters, loader.consumed_samples, False)
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -69,8 +69,8 @@ def theory(L: int, T: int, h: int, f: int, V: int, masked: int, keep_ratio: floa
 
     training = 3 x forward (backward = 2 x forward). MLM head (transform h*h + tied decoder
     h*V) at the `masked` positions only, identical in every mode. The ScTD consistency step
-    adds a full-token encoder pass trained through the KL terms (3 x forward) plus the MLM head
-    forward of that pass (computed, but with full_mlm_weight = 0 it gets no backward).
+    adds a full-token encoder pass trained through the KL terms (3 x forward); at the default
+    --sctd-mlm-mix 0 that pass runs no MLM head.
     Not counted: embeddings, LayerNorm/GELU/softmax/dropout elementwise work, the router, the
     optimizer step - they are part of why the realised saving falls short of the theory."""
     k = int(keep_ratio * T + 0.5)
@@ -79,7 +79,7 @@ def theory(L: int, T: int, h: int, f: int, V: int, masked: int, keep_ratio: floa
     enc_drop = encoder_forward_flops(L, T, k, split, h, f)
     step_none = 3 * (enc_full + head_fwd)
     step_drop = 3 * (enc_drop + head_fwd)
-    step_consistency = step_drop + 3 * enc_full + head_fwd
+    step_consistency = step_drop + 3 * enc_full
     sctd_avg = (step_consistency + (interval - 1) * step_drop) / interval
     # SPEC 6 yardstick per token, for reference: 6*N_layers + 12*L*s*h + 6*p*(h^2 + h*V).
     n_layers = L * (4 * h * h + 2 * h * f)
@@ -99,8 +99,7 @@ def theory(L: int, T: int, h: int, f: int, V: int, masked: int, keep_ratio: floa
 
 
 def package_flops(cfg, L: int, T: int, masked: int, keep_ratio: float, interval: int) -> dict | None:
-    """sctd_dist.flops' count of the same steps (cross-check; it charges the ScTD full pass a
-    backward through the head too)."""
+    """sctd_dist.flops' count of the same steps (a cross-check of `theory`)."""
     try:
         from sctd_dist import flops
         from sctd_dist.model.config import TokenDropConfig

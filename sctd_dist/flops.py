@@ -56,8 +56,19 @@ def step_flops_per_sequence(cfg: BertModelConfig, drop: TokenDropConfig, seq: in
     split = drop.resolve_split_layer(cfg.num_hidden_layers)
     flops = 3 * sequence_forward_flops(cfg, seq, masked, kept, split)
     if drop.is_sctd_step(step):
-        flops += 3 * sequence_forward_flops(cfg, seq, masked)  # the full-token pass
+        # The full-token pass; its MLM head runs only when its loss is mixed in.
+        flops += 3 * sequence_forward_flops(cfg, seq, masked if drop.mlm_mix > 0 else 0.0)
     return flops
+
+
+def step_flops(cfg: BertModelConfig, drop: TokenDropConfig, seq: int, masked: float, sequences: int,
+               step: int) -> float:
+    """Training FLOPs of optimizer step `step` (0-based) over `sequences` sequences of `seq`
+    tokens with `masked` predicted positions each, keeping as many tokens as the router does."""
+    from sctd_dist.model.router import num_kept
+
+    kept = num_kept(seq, drop.keep_ratio) if drop.enabled else None
+    return sequences * step_flops_per_sequence(cfg, drop, seq, masked, step, kept)
 
 
 def peak_tflops(device_name: str) -> float | None:

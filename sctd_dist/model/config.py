@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
+
+from sctd_dist.flags import flag
 
 PRESETS: dict[str, dict[str, Any]] = {
     # Small enough for CPU tests and the demo.
@@ -117,10 +120,7 @@ class BertModelConfig:
             raise ValueError(f"unknown model preset {name!r}; choose one of {sorted(PRESETS)}")
         values: dict[str, Any] = dict(PRESETS[name])
         if isinstance(overrides, (str, Path)):
-            path = Path(overrides)
-            if not path.is_file():
-                raise ValueError(f"--model-config {path} does not exist")
-            overrides = json.loads(path.read_text())
+            overrides = json.loads(Path(overrides).read_text())
         values.update(overrides or {})
         values.update(kwargs)
         names = {f.name for f in dataclasses.fields(cls)}
@@ -144,17 +144,26 @@ TokenDropMode = Literal["none", "vanilla", "sctd"]
 
 @dataclass
 class TokenDropConfig:
-    """Token dropping (Hou et al. 2022) and ScTD (Zhong et al. 2023) settings; paper defaults."""
+    """Token dropping (Hou et al. 2022) and ScTD (Zhong et al. 2023) settings; paper defaults.
 
-    mode: TokenDropMode = "sctd"
-    keep_ratio: float = 0.5
-    # Index of the split layer; None means the paper's L/2 - 1.
-    split_layer: int | None = None
-    sctd_interval: int = 10
-    sctd_weight: float = 0.05
-    # Weight of the full-token pass's own MLM loss on ScTD steps (0 = the released objective).
-    full_mlm_weight: float = 0.0
-    importance_beta: float = 0.95
+    Each field with a help text is also a flag of `sctd_dist.train` (the "token dropping" group).
+    """
+
+    mode: TokenDropMode = flag("sctd", "plain MLM (none), token dropping (vanilla) or ScTD (sctd)",
+                               name="--token-drop")
+    keep_ratio: float = flag(0.5, "fraction of tokens through the middle layers", name="--token-keep-ratio")
+    split_layer: int | None = flag(None, "index of the split layer (default: num_layers/2 - 1)",
+                                   name="--token-drop-split-layer")
+    sctd_interval: int = flag(10, "consistency step every N optimizer steps, step 0 included")
+    sctd_weight: float = flag(0.05, "weight w of the consistency term (averaged per masked token like "
+                              "the MLM loss)")
+    # On consistency steps the MLM part is (1 - mix) * MLM_drop + mix * MLM_full. 0 is what the
+    # released code effectively optimises (the full pass then runs no MLM head); 0.5 is what it
+    # was written to do.
+    mlm_mix: float = flag(0.0, "on consistency steps the MLM loss is (1-ALPHA)*MLM_drop + "
+                          "ALPHA*MLM_full; 0 is the released code's effective objective, 0.5 what "
+                          "it was written to do", name="--sctd-mlm-mix", metavar="ALPHA")
+    importance_beta: float = flag(0.95, "EMA factor of the token-importance table")
     importance_init: float = 10.0
 
     def __post_init__(self) -> None:
@@ -164,8 +173,10 @@ class TokenDropConfig:
             raise ValueError(f"--token-keep-ratio must be in (0, 1], got {self.keep_ratio}")
         if self.sctd_interval < 1:
             raise ValueError(f"--sctd-interval must be >= 1, got {self.sctd_interval}")
-        if self.sctd_weight < 0 or self.full_mlm_weight < 0:
-            raise ValueError("--sctd-weight and the full-pass MLM weight must be >= 0")
+        if not (math.isfinite(self.sctd_weight) and self.sctd_weight >= 0):
+            raise ValueError(f"--sctd-weight must be a finite number >= 0, got {self.sctd_weight}")
+        if not 0.0 <= self.mlm_mix <= 1.0:  # also refuses NaN
+            raise ValueError(f"--sctd-mlm-mix must be in [0, 1], got {self.mlm_mix}")
         if not 0.0 <= self.importance_beta < 1.0:
             raise ValueError(f"importance beta must be in [0, 1), got {self.importance_beta}")
 

@@ -12,13 +12,23 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from sctd_dist.data.tokenizer import SpecialTokenIds
 from sctd_dist.model.bert import BertForMaskedLM, MLMOutput
 from sctd_dist.model.config import BertModelConfig, TokenDropConfig
-from sctd_dist.model.consistency import cls_cosine, consistency_terms
+from sctd_dist.model.consistency import cls_cosine, consistency_term
 from sctd_dist.model.importance import TokenImportance
 from sctd_dist.model.router import Routing, num_kept, route
 from sctd_dist.parallel.state import ParallelContext
+from sctd_dist.special_tokens import SpecialTokenIds
+
+
+def check_layout(model_config: BertModelConfig, drop: TokenDropConfig, seq_length: int,
+                 tp_size: int, sequence_parallel: bool) -> None:
+    """Raise ValueError when this model cannot train on sequences of `seq_length` at this
+    tensor/sequence-parallel layout (all known from the flags: checked before any process group)."""
+    model_config.check_tensor_parallel(tp_size)
+    model_config.check_seq_length(seq_length)
+    if drop.enabled:
+        num_kept(seq_length, drop.keep_ratio, tp_size, sequence_parallel)
 
 
 class StepOutput(NamedTuple):
@@ -54,14 +64,7 @@ class PretrainingModel(nn.Module):
             init_value=drop_config.importance_init, beta=drop_config.importance_beta,
             dp_group=ctx.dp_group if ctx.dp_size > 1 else None,
         )
-        self.encoder_passes = 0  # counted so tests can see off-steps run one forward
         self._pending: list[tuple[torch.Tensor, torch.Tensor]] = []
-
-    def check_seq_length(self, seq_length: int) -> None:
-        """Fail before training when this sequence length cannot be routed at this layout."""
-        self.mlm.config.check_seq_length(seq_length)
-        if self.drop.enabled:
-            num_kept(seq_length, self.drop.keep_ratio, self.ctx.tp_size, self.ctx.sequence_parallel)
 
     def routing(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> Routing:
         """Kept positions for this batch; identical on every TP rank (same ids, same table)."""
@@ -69,33 +72,39 @@ class PretrainingModel(nn.Module):
                      tp_size=self.ctx.tp_size, tp_rank=self.ctx.tp_rank,
                      sequence_parallel=self.ctx.sequence_parallel)
 
-    def _pass(self, batch: dict[str, torch.Tensor], routing: Routing | None, want_cls: bool) -> MLMOutput:
-        self.encoder_passes += 1
-        return self.mlm(batch["input_ids"], batch["attention_mask"], batch["labels"],
-                        batch.get("token_type_ids"), routing=routing,
-                        split_layer=self.split_layer, return_cls=want_cls)
+    def _pass(self, batch: dict[str, torch.Tensor], routing: Routing | None, want_cls: bool,
+              mlm_head: bool = True) -> MLMOutput:
+        return self.mlm(batch["input_ids"], batch["attention_mask"],
+                        batch["labels"] if mlm_head else None, batch.get("token_type_ids"),
+                        routing=routing, split_layer=self.split_layer, return_cls=want_cls)
 
     def forward(self, batch: dict[str, torch.Tensor], step: int = 0) -> StepOutput:
-        """Loss of one micro-batch at optimizer step `step` (training mode)."""
+        """Loss of one micro-batch at optimizer step `step` (training mode).
+
+        Off consistency steps: the (token-dropping) MLM loss, a mean over masked tokens. On
+        consistency steps (SPEC 2.2), with a = --sctd-mlm-mix and w = --sctd-weight:
+            loss = (1 - a) * MLM_drop + a * MLM_full + w * sum_b (KL_local_b + KL_global_b) / n_masked
+        The full pass runs its MLM head only when a > 0."""
         if not self.drop.enabled:
             out = self._pass(batch, None, False)
             return StepOutput(out.loss, self._metrics(out, out.loss))
         routing = self.routing(batch["input_ids"], batch["attention_mask"])
-        sctd_step = self.drop.is_sctd_step(step)
-        out = self._pass(batch, routing, sctd_step)
+        consistency_step = self.drop.is_sctd_step(step)
+        out = self._pass(batch, routing, consistency_step)
         if self.training:
             self._pending.append((out.targets.detach(), out.per_token_loss.detach()))
-        loss = out.loss
-        extra: dict[str, torch.Tensor] = {}
-        if sctd_step:
-            full = self._pass(batch, None, True)
-            kl_local, kl_global = consistency_terms(
-                full.cls_penultimate, full.cls_final, out.cls_penultimate, out.cls_final)
-            loss = loss + self.drop.sctd_weight * (kl_local + kl_global)
-            if self.drop.full_mlm_weight:
-                loss = loss + self.drop.full_mlm_weight * full.loss
-            extra = {"kl_local": kl_local.detach(), "kl_global": kl_global.detach(),
-                     "full_mlm_loss": full.loss.detach()}
+        if not consistency_step:
+            return StepOutput(out.loss, self._metrics(out, out.loss))
+        mix = self.drop.mlm_mix
+        full = self._pass(batch, None, True, mlm_head=mix > 0)
+        term = consistency_term(full.cls_penultimate, full.cls_final, out.cls_penultimate,
+                                out.cls_final, self.drop.sctd_weight, out.targets.numel())
+        mlm = out.loss if mix == 0 else (1 - mix) * out.loss + mix * full.loss
+        loss = mlm + term.loss
+        extra = {"consistency_loss": term.loss.detach(),
+                 "kl_local": term.kl_local.detach().mean(), "kl_global": term.kl_global.detach().mean()}
+        if mix > 0:
+            extra["full_mlm_loss"] = full.loss.detach()
         return StepOutput(loss, {**self._metrics(out, loss), **extra})
 
     @torch.no_grad()
@@ -143,5 +152,4 @@ class PretrainingModel(nn.Module):
         # Detached tensors, not floats: no host sync per micro-batch; the loop converts once.
         n = max(out.targets.numel(), 1)
         return {"loss": loss.detach(), "mlm_loss": out.loss.detach(),
-                "mlm_acc": out.num_correct.detach() / n,
-                "masked_tokens": torch.tensor(float(out.targets.numel()))}
+                "mlm_acc": out.num_correct.detach() / n}

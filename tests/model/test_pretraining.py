@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from sctd_dist.hf import load_hf_state_dict
 from sctd_dist.model.config import TokenDropConfig
 from sctd_dist.model.consistency import cls_kl
-from sctd_dist.data.tokenizer import SpecialTokenIds
-from sctd_dist.model.pretraining import PretrainingModel
+from sctd_dist.model.pretraining import PretrainingModel, check_layout
+from sctd_dist.special_tokens import SpecialTokenIds
 from tests.model.common import SPECIAL, hf_reference_state, make_batch, small_config
 
 SPECIALS = SpecialTokenIds(cls=SPECIAL["cls"], sep=SPECIAL["sep"], mask=SPECIAL["mask"],
@@ -24,28 +25,44 @@ def _model(ctx, **drop) -> PretrainingModel:
 
 def test_kl_is_the_textbook_definition():
     p, q = torch.randn(3, 8), torch.randn(3, 8)
-    ref = sum(torch.sum(p[i].softmax(-1) * (p[i].log_softmax(-1) - q[i].log_softmax(-1))) for i in range(3))
+    ref = torch.stack([torch.sum(p[i].softmax(-1) * (p[i].log_softmax(-1) - q[i].log_softmax(-1)))
+                       for i in range(3)])
     torch.testing.assert_close(cls_kl(p, q), ref)
-    assert cls_kl(p, p) == 0
+    assert torch.equal(cls_kl(p, p), torch.zeros(3))
 
 
-def test_sctd_step_runs_two_passes_and_off_steps_one(ctx1):
-    model = _model(ctx1, mode="sctd", sctd_interval=3)
+class _Calls:
+    """Counts forward calls of a module through a forward hook (the real calls, nothing stubbed)."""
+
+    def __init__(self, module: torch.nn.Module) -> None:
+        self.n = 0
+        module.register_forward_hook(lambda *_: setattr(self, "n", self.n + 1))
+
+
+@pytest.mark.parametrize("mix, heads_on_consistency_steps", [(0.0, 1), (0.5, 2)])
+def test_consistency_steps_run_a_second_encoder_pass_and_its_head_only_when_mixed(
+        ctx1, mix, heads_on_consistency_steps):
+    model = _model(ctx1, mode="sctd", sctd_interval=3, mlm_mix=mix)
+    encoder, head = _Calls(model.mlm.bert.encoder), _Calls(model.mlm.cls.predictions)
     batch = make_batch(seq=16)
-    passes = []
+    passes, heads = [], []
     for step in range(6):
-        before = model.encoder_passes
+        before = encoder.n, head.n
         out = model(batch, step=step)
-        passes.append(model.encoder_passes - before)
+        passes.append(encoder.n - before[0])
+        heads.append(head.n - before[1])
         assert ("kl_local" in out.metrics) == (step % 3 == 0)
+        assert ("full_mlm_loss" in out.metrics) == (step % 3 == 0 and mix > 0)
     assert passes == [2, 1, 1, 2, 1, 1]
+    h = heads_on_consistency_steps
+    assert heads == [h, 1, 1, h, 1, 1]
 
 
-def test_kl_terms_positive_and_every_parameter_gets_gradient(ctx1):
+def test_sctd_step_sends_gradient_to_every_parameter(ctx1):
     model = _model(ctx1, mode="sctd")
     out = model(make_batch(seq=16), step=0)
     assert out.metrics["kl_local"] > 0 and out.metrics["kl_global"] > 0
-    expected = out.metrics["mlm_loss"] + 0.05 * (out.metrics["kl_local"] + out.metrics["kl_global"])
+    expected = out.metrics["mlm_loss"] + out.metrics["consistency_loss"]
     torch.testing.assert_close(out.loss.detach(), expected)
     out.loss.backward()
     missing = [n for n, p in model.named_parameters() if p.grad is None or p.grad.abs().sum() == 0]
@@ -56,23 +73,31 @@ def test_kl_terms_vanish_when_nothing_is_dropped(ctx1):
     model = _model(ctx1, mode="sctd", keep_ratio=1.0)
     out = model(make_batch(seq=16), step=0)
     assert out.metrics["kl_local"] == 0 and out.metrics["kl_global"] == 0
+    assert out.metrics["consistency_loss"] == 0
 
 
-def test_full_pass_mlm_weight_adds_its_loss(ctx1):
-    model = _model(ctx1, mode="sctd", full_mlm_weight=0.5)
-    out = model(make_batch(seq=16), step=0)
+def test_mlm_mix_weighs_the_dropping_and_the_full_pass(ctx1):
+    model = _model(ctx1, mode="sctd", mlm_mix=0.5)
+    batch = make_batch(seq=16)
+    out = model(batch, step=0)
+    full = model.mlm(**batch).loss
+    dropped = model.mlm(**batch, routing=model.routing(batch["input_ids"], batch["attention_mask"]),
+                        split_layer=model.split_layer).loss
     m = out.metrics
-    expected = m["mlm_loss"] + 0.05 * (m["kl_local"] + m["kl_global"]) + 0.5 * m["full_mlm_loss"]
-    torch.testing.assert_close(out.loss.detach(), expected)
+    torch.testing.assert_close(m["full_mlm_loss"], full.detach())
+    torch.testing.assert_close(m["mlm_loss"], dropped.detach())
+    expected = 0.5 * dropped + 0.5 * full + m["consistency_loss"]
+    torch.testing.assert_close(out.loss.detach(), expected.detach())
 
 
 def test_mode_none_is_the_plain_model(ctx1):
     model = _model(ctx1, mode="none")
     batch = make_batch(seq=16)
+    encoder = _Calls(model.mlm.bert.encoder)
     out = model(batch, step=0)
+    assert encoder.n == 1
     direct = model.mlm(batch["input_ids"], batch["attention_mask"], batch["labels"])
     assert torch.equal(out.loss, direct.loss)
-    assert model.encoder_passes == 1
 
 
 def test_importance_update_uses_the_dropping_pass_losses(ctx1):
@@ -96,18 +121,13 @@ def test_importance_update_uses_the_dropping_pass_losses(ctx1):
     assert torch.equal(after[untouched], before[untouched])
 
 
-def test_sequence_length_checked_against_the_layout(ctx1):
-    import dataclasses
-
-    import pytest
-
-    model = PretrainingModel(CFG, TokenDropConfig(mode="vanilla", keep_ratio=0.5), SPECIALS,
-                             dataclasses.replace(ctx1, tp_size=2, sequence_parallel=True))
+def test_sequence_length_checked_against_the_layout():
+    drop = TokenDropConfig(mode="vanilla", keep_ratio=0.5)
     with pytest.raises(ValueError, match="not divisible by TP=2"):
-        model.check_seq_length(62)
-    model.check_seq_length(60)
+        check_layout(CFG, drop, 62, tp_size=2, sequence_parallel=True)
+    check_layout(CFG, drop, 60, tp_size=2, sequence_parallel=True)
     with pytest.raises(ValueError, match="exceeds max_position_embeddings"):
-        model.check_seq_length(128)
+        check_layout(CFG, drop, 128, tp_size=2, sequence_parallel=True)
 
 
 def test_evaluate_reports_the_cls_drift_of_the_dropping_path(ctx1):

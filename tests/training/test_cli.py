@@ -53,6 +53,10 @@ def test_missing_data_dir(tmp_path):
     ("--token-keep-ratio", "0", "--token-keep-ratio must be in (0, 1]"),
     ("--sctd-interval", "0", "--sctd-interval must be >= 1"),
     ("--lr-decay-iters", "0", "--lr-decay-iters must be >= 1"),
+    ("--sctd-mlm-mix", "1.5", "--sctd-mlm-mix must be in [0, 1]"),
+    ("--sctd-mlm-mix", "nan", "--sctd-mlm-mix must be in [0, 1]"),
+    ("--sctd-weight", "nan", "--sctd-weight must be a finite number >= 0"),
+    ("--sctd-weight", "-1", "--sctd-weight must be a finite number >= 0"),
 ])
 def test_out_of_range_flags(flag, value, needle):
     p = run_train(flag, value)
