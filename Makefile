@@ -7,13 +7,17 @@ STAMP := $(VENV)/.installed
 TORCH_CPU_VERSION ?= 2.13.0
 PYTEST_WORKERS ?= 2
 
+# CPU launches go through the tuned allocator (tcmalloc / jemalloc / glibc settings; it says
+# which on stderr). SCTD_ALLOCATOR=system runs them with the plain system allocator.
+ALLOC = $(BIN)/python -m sctd_dist.allocator --
+
 # Demo: ranks = visible GPUs, or 2 CPU processes.
 DEMO_DIR ?= runs/demo
 DEMO_RANKS ?= $(shell n=$$(nvidia-smi -L 2>/dev/null | wc -l); [ "$$n" -gt 0 ] && echo $$n || echo 2)
 DEMO_CONFIG ?= $(shell nvidia-smi -L >/dev/null 2>&1 && echo ds_configs/zero2_bf16.json || echo ds_configs/cpu_tiny.json)
 DEMO_PORT ?= $(shell $(PY) -c "import socket; s=socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])")
 
-.PHONY: setup test demo bench clean docker
+.PHONY: setup test demo bench quality clean docker
 
 setup: $(STAMP)
 
@@ -25,6 +29,14 @@ $(STAMP): pyproject.toml
 	    echo "installing OpenMPI (needed by mpi4py)"; \
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libopenmpi-dev openmpi-bin >/dev/null; \
 	  else echo "warning: mpicc not found and not root; install OpenMPI for mpi4py" >&2; fi; \
+	fi
+	@# A tuned CPU allocator (sctd_dist/allocator.py); training still runs without it.
+	@if ! ldconfig -p 2>/dev/null | grep -q -e libtcmalloc_minimal.so.4 -e libjemalloc.so.2; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing tcmalloc (tuned CPU allocator)"; \
+	    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libtcmalloc-minimal4 >/dev/null; } \
+	      || echo "warning: could not install libtcmalloc-minimal4; glibc malloc settings will be used" >&2; \
+	  else echo "note: no tcmalloc/jemalloc and not root; glibc malloc settings will be used" >&2; fi; \
 	fi
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip setuptools wheel
@@ -42,7 +54,7 @@ test: setup
 # A real (tiny) ScTD pretraining job on the embedded sample corpus: train, checkpoint, export.
 demo: setup
 	rm -rf $(DEMO_DIR)
-	OMP_NUM_THREADS=1 $(BIN)/deepspeed --num_gpus $(DEMO_RANKS) --master_port $(DEMO_PORT) \
+	OMP_NUM_THREADS=1 $(ALLOC) $(BIN)/deepspeed --num_gpus $(DEMO_RANKS) --master_port $(DEMO_PORT) \
 	  sctd_dist/train.py --deepspeed_config $(DEMO_CONFIG) --model tiny --seq-length 128 \
 	  --token-drop sctd --train-iters 200 --eval-interval 50 --eval-iters 4 \
 	  --save $(DEMO_DIR)/checkpoints --save-interval 50 --log-dir $(DEMO_DIR)/logs
@@ -53,16 +65,26 @@ demo: setup
 	@echo "  checkpoints  $(DEMO_DIR)/checkpoints (restart: run the same command; it resumes)"
 	@echo "  Hugging Face $(DEMO_DIR)/hf (transformers.BertForMaskedLM.from_pretrained)"
 
-# Every CPU benchmark in one run (about 16 minutes on 2 cores), then one markdown page from
+# Every CPU benchmark in one run (about 26 minutes on 2 cores), then one markdown page from
 # the results: benchmarks/results/RESULTS.md. One thread per process where a script times arms
-# side by side: the least load-sensitive setting on a small machine.
+# side by side: the least load-sensitive setting on a small machine. train_vs_hf.py and
+# allocator.py start their own processes with the allocator each arm needs.
 bench: setup
-	$(BIN)/python benchmarks/token_drop.py --threads 1 --layers 12 --repeats 3
-	$(BIN)/python benchmarks/convergence.py --threads 2 --budget-s 100 --no-progress
-	$(BIN)/python benchmarks/scaling.py
-	$(BIN)/python benchmarks/zero_stages.py --steps 6
-	$(BIN)/python benchmarks/model_step.py --threads 1 --repeats 3
-	$(BIN)/python benchmarks/data_pipeline.py --repeats 2
+	$(ALLOC) $(BIN)/python benchmarks/token_drop.py --threads 1 --layers 12 --repeats 3
+	$(ALLOC) $(BIN)/python benchmarks/convergence.py --threads 2 --budget-s 100 --no-progress
+	$(ALLOC) $(BIN)/python benchmarks/scaling.py
+	$(ALLOC) $(BIN)/python benchmarks/zero_stages.py --steps 6
+	$(ALLOC) $(BIN)/python benchmarks/model_step.py --threads 1 --repeats 3
+	$(ALLOC) $(BIN)/python benchmarks/data_pipeline.py --repeats 2
+	$(BIN)/python benchmarks/train_vs_hf.py --rounds 3
+	$(BIN)/python benchmarks/allocator.py --rounds 3
+	$(BIN)/python benchmarks/report.py
+
+# The time-to-quality study (about an hour on 2 cores; not part of `make bench`): baseline, vanilla
+# and ScTD pretrained from the same weights at an equal wall-clock budget, 3 seeds, fine-tuned on
+# the offline suite; then RESULTS.md. One thread: the least load-sensitive setting on a shared box.
+quality: setup
+	$(BIN)/python benchmarks/quality.py --threads 1 --no-progress
 	$(BIN)/python benchmarks/report.py
 
 clean:

@@ -45,6 +45,14 @@ def add_common_args(parser) -> None:
     parser.add_argument("--no-write", action="store_true", help="print only, do not write the JSON")
 
 
+def use_tuned_allocator() -> None:
+    """Restart this benchmark under the tuned CPU allocator (`sctd_dist.allocator`) when it was
+    started without one; every arm of a script then runs under the same allocator."""
+    from sctd_dist.allocator import reexec_with_tuned_allocator
+
+    reexec_with_tuned_allocator()
+
+
 def setup_torch(args) -> torch.device:
     """Apply --threads and --device; returns the device."""
     threads = args.threads or torch.get_num_threads()
@@ -100,6 +108,7 @@ def environment(args, device: torch.device) -> dict[str, Any]:
         "omp_num_threads_env": os.environ.get("OMP_NUM_THREADS"),
         "pythonpath_env": os.environ.get("PYTHONPATH"),
         "loadavg_at_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        "allocator": allocator_in_use(),
         "quick": bool(args.quick),
     }
     env.update(source_tree())
@@ -115,6 +124,12 @@ def environment(args, device: torch.device) -> dict[str, Any]:
     except Exception:  # noqa: BLE001 - informational only
         pass
     return env
+
+
+def allocator_in_use() -> str:
+    from sctd_dist.allocator import in_use
+
+    return in_use()
 
 
 def source_tree() -> dict[str, Any]:
@@ -211,10 +226,26 @@ def markdown_table(headers: list[str], rows: list[list[Any]]) -> str:
 def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
     """Write via a temporary file in the same folder and rename, so a reader (or a crash) never
     sees half a file."""
+    from sctd_dist.coordination import atomic_write
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(payload, indent=2) + "\n")
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(payload, indent=2) + "\n")
+
+
+def plain_settings(args) -> dict[str, Any]:
+    """The parsed flags as JSON-ready values (paths as strings)."""
+    return {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+
+
+def save_figures(figures: list, paths: list[Path]) -> list[Path]:
+    """Write each matplotlib figure to its PNG path and close it; returns the paths."""
+    import matplotlib.pyplot as plt
+
+    for fig, path in zip(figures, paths):
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+    return paths
 
 
 def write_json(args, name: str, payload: dict[str, Any]) -> Path | None:

@@ -31,8 +31,8 @@ from typing import Any
 
 import torch
 
-from common import (REPO_ROOT, RESULTS_DIR, add_common_args, environment, markdown_table, setup_torch,
-                    write_json)
+from common import (REPO_ROOT, RESULTS_DIR, add_common_args, environment, markdown_table, save_figures,
+                    setup_torch, write_json)
 
 MODES = ("none", "vanilla", "sctd")
 LABELS = {"none": "baseline (all tokens)", "vanilla": "vanilla token dropping", "sctd": "ScTD"}
@@ -49,7 +49,7 @@ class Arm:
 
         self.mode = mode
         drop = TokenDropConfig(mode=mode, keep_ratio=args.keep_ratio, sctd_interval=args.sctd_interval,
-                               sctd_weight=args.sctd_weight)
+                               sctd_weight=args.sctd_weight, mlm_mix=args.sctd_mlm_mix)
         self.model = PretrainingModel(model_cfg, drop, special, ctx).to(device)
         self.model.mlm.load_state_dict(state)
         self.model.train()
@@ -97,14 +97,15 @@ class Arm:
 
 
 def build(args, device: torch.device):
-    """The model config, special ids, train loader and held-out loader of the sample corpus."""
+    """The model config, special ids, train loader and held-out loader of --data-path (default:
+    the sample corpus)."""
     from sctd_dist.data.dataset import PackedDataset
     from sctd_dist.data.loader import PretrainingDataLoader, ValidationDataLoader
     from sctd_dist.data.prepare import ensure_sample_dataset
     from sctd_dist.model.config import BertModelConfig
 
-    data_dir = ensure_sample_dataset(args.data_cache, seq_length=args.seq_length,
-                                     validation_fraction=args.validation_fraction)
+    data_dir = args.data_path or ensure_sample_dataset(args.data_cache, seq_length=args.seq_length,
+                                                       validation_fraction=args.validation_fraction)
     train, valid = PackedDataset(data_dir, split="train"), PackedDataset(data_dir, split="validation")
     model_cfg = BertModelConfig.from_preset(
         "tiny", vocab_size=train.vocab_size, num_hidden_layers=args.layers, hidden_size=args.hidden,
@@ -115,6 +116,31 @@ def build(args, device: torch.device):
     valid_loader = ValidationDataLoader(valid, micro_batch_size=args.batch, dp_rank=0, dp_size=1,
                                         seed=args.seed, max_samples=args.eval_samples)
     return data_dir, train, model_cfg, loader, valid_loader
+
+
+def train_interleaved(arms: dict[str, Arm], valid, budget_s: float, evals: int, progress: bool) -> float:
+    """Train every arm for `budget_s` seconds of its own clock, one optimizer step at a time, always
+    the arm that has trained least so far, so background load slows all arms alike. Each arm is
+    evaluated at `evals` evenly spaced marks of its clock (its first evaluation, at 0 s, is the
+    caller's). Returns the wall time of the loop."""
+    marks = [budget_s * (i + 1) / evals for i in range(evals)]
+    started = time.perf_counter()
+    while True:
+        pending = [(name, a) for name, a in arms.items() if a.train_s < budget_s]
+        if not pending:
+            break
+        name, arm = min(pending, key=lambda item: item[1].train_s)
+        arm.train_step()
+        # Evaluate at each budget mark this step crossed (loss curves on a common time axis).
+        done = len(arm.evals) - 1
+        if done < len(marks) and arm.train_s >= marks[done]:
+            arm.evaluate(valid)
+        if progress:
+            print(f"\r{name:10s} step {arm.step:5d} {arm.train_s:6.0f}/{budget_s:.0f}s "
+                  f"loss {arm.train_loss[-1][1]:.3f}", end="", flush=True)
+    if progress:
+        print()
+    return time.perf_counter() - started
 
 
 def run(args) -> dict[str, Any]:
@@ -128,28 +154,12 @@ def run(args) -> dict[str, Any]:
     state = BertForMaskedLM(model_cfg, ctx).state_dict()  # one initialisation for every arm
     arms = {m: Arm(m, args, model_cfg, train.special_ids, ctx, state, loader, device)
             for m in args.modes.split(",")}
-    marks = [args.budget_s * (i + 1) / args.evals for i in range(args.evals)]
     for arm in arms.values():
         torch.manual_seed(args.seed)  # same dropout stream at the start of every arm
         arm.evaluate(valid)
-    started = time.perf_counter()
-    while True:
-        pending = [a for a in arms.values() if a.train_s < args.budget_s]
-        if not pending:
-            break
-        arm = min(pending, key=lambda a: a.train_s)
-        arm.train_step()
-        # Evaluate at each budget mark this step crossed (loss curves on a common time axis).
-        done = len(arm.evals) - 1
-        if done < len(marks) and arm.train_s >= marks[done]:
-            arm.evaluate(valid)
-        if args.progress:
-            print(f"\r{arm.mode:8s} step {arm.step:5d} {arm.train_s:6.0f}/{args.budget_s:.0f}s "
-                  f"loss {arm.train_loss[-1][1]:.3f}", end="", flush=True)
-    if args.progress:
-        print()
+    wall_s = train_interleaved(arms, valid, args.budget_s, args.evals, args.progress)
     return {"data_dir": str(data_dir), "model_config": model_cfg.to_dict(), "ctx_device": str(device),
-            "wall_s": time.perf_counter() - started, "arms": {
+            "wall_s": wall_s, "arms": {
                 m: {"steps": a.step, "train_s": a.train_s,
                     "samples": a.step * args.batch,
                     "evals": a.evals,
@@ -209,20 +219,12 @@ def plot(result: dict[str, Any], out_dir: Path) -> list[Path]:
     for ax, key, kind in ((axes[0], "cls_cosine", "raw"), (axes[1], "cls_cosine_centered", "centered")):
         _curves(ax, arms, key, f"cos([CLS] dropping, [CLS] full), {kind}",
                 f"[CLS] agreement, {kind} (higher = less drift)")
-    paths = [out_dir / "convergence_loss.png", out_dir / "convergence_drift.png"]
-    for fig, path in zip((loss_fig, drift_fig), paths):
-        fig.tight_layout()
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
-    return paths
+    return save_figures([loss_fig, drift_fig], [out_dir / "convergence_loss.png", out_dir / "convergence_drift.png"])
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    add_common_args(p)
-    p.add_argument("--modes", default=",".join(MODES), help="arms to run (default: all three)")
-    p.add_argument("--budget-s", type=float, default=120.0, help="training seconds per arm")
-    p.add_argument("--evals", type=int, default=10, help="evaluations per arm after the initial one")
+def add_study_args(p: argparse.ArgumentParser) -> None:
+    """Flags of the model, the pretraining objective, the data and the outputs, shared with
+    quality.py."""
     p.add_argument("--layers", type=int, default=6)
     p.add_argument("--hidden", type=int, default=128)
     p.add_argument("--heads", type=int, default=2)
@@ -233,14 +235,26 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--keep-ratio", type=float, default=0.5)
     p.add_argument("--sctd-interval", type=int, default=10)
     p.add_argument("--sctd-weight", type=float, default=0.05)
+    p.add_argument("--sctd-mlm-mix", type=float, default=0.0,
+                   help="share of the full pass's MLM loss on consistency steps (train.py's flag)")
     p.add_argument("--eval-samples", type=int, default=256, help="held-out sequences per evaluation")
     p.add_argument("--validation-fraction", type=float, default=0.05,
                    help="share of the sample corpus held out (train.py's default is 0.01: too few "
                         "sequences for a steady held-out curve)")
     p.add_argument("--data-cache", type=Path, default=REPO_ROOT / "data_cache",
                    help="prepared sample corpus cache (train.py's default folder)")
+    p.add_argument("--data-path", type=Path, help="a prepared corpus (sctd_dist.data.prepare) instead of the sample")
     p.add_argument("--plots", type=Path, default=RESULTS_DIR, help="folder for the PNGs")
     p.add_argument("--no-progress", dest="progress", action="store_false")
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_common_args(p)
+    p.add_argument("--modes", default=",".join(MODES), help="arms to run (default: all three)")
+    p.add_argument("--budget-s", type=float, default=120.0, help="training seconds per arm")
+    p.add_argument("--evals", type=int, default=10, help="evaluations per arm after the initial one")
+    add_study_args(p)
     args = p.parse_args(argv)
     if args.quick:
         args.budget_s, args.evals, args.layers = min(args.budget_s, 15.0), 3, 4

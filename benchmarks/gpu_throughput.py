@@ -59,6 +59,9 @@ GPU_TOKENS_PER_MICRO = 8192
 # the optimizer step, which token dropping does not shorten, weigh what it weighs in a real run.
 GPU_GLOBAL_BATCH = 256
 CPU_MICRO_BATCH = 2
+# The one-shot run (`gpu.sh --quick`) must end within 9 minutes, installation included.
+ONE_SHOT_BUDGET_S = 540.0
+ENV_START = "SCTD_BENCH_T0"  # epoch seconds at which gpu.sh started (before installing)
 ENV_MICRO = "SCTD_BENCH_MICRO_BATCH"
 ENV_GLOBAL = "SCTD_BENCH_GLOBAL_BATCH"
 
@@ -161,32 +164,33 @@ def theoretical_ratio(model_cfg: BertModelConfig, mode: str, seq: int) -> float:
 # ----------------------------------------------------------------------------- arms
 
 def build_arms(args: argparse.Namespace, kind: str, gpus: int) -> list[dict[str, Any]]:
-    """Every (seq, TP, mode) configuration, baseline first within each (seq, TP)."""
+    """Every (compile, seq, TP, mode) configuration: all eager arms first (a run cut short by
+    its time budget keeps the plain numbers), baseline first within each (seq, TP)."""
     model_cfg = BertModelConfig.from_preset(args.model, {"vocab_size": args.vocab_size})
     arms = []
-    for seq in args.seqs:
-        for tp in args.tp:
-            nproc = tp  # one rank per TP shard, DP = 1: per-GPU numbers without DP communication
-            dp = nproc // tp
-            # TP > 1 runs with sequence parallelism (Megatron's recommendation with TP): the
-            # same communication volume as TP's all-reduces, as reduce-scatter + all-gather,
-            # and LayerNorm/dropout activations sharded instead of replicated.
-            sp = tp > 1 and args.sequence_parallel
-            micro = micro_batch_for(seq, args.micro_batch, kind)
-            for mode in args.modes:
-                arm: dict[str, Any] = {
-                    "name": f"s{seq}-tp{tp}-{mode}", "seq_length": seq, "tp": tp, "nproc": nproc,
-                    "dp": dp, "sequence_parallel": sp, "mode": mode, "micro_batch": micro,
-                    "theory_flop_ratio": theoretical_ratio(model_cfg, mode, seq),
-                }
-                try:
-                    arm["global_batch"] = global_batch_for(micro, dp, args.global_batch, kind, args.quick)
-                except ValueError as exc:
-                    arm["global_batch"] = None
-                    arm["skip_reason"] = str(exc)
-                if kind == "cuda" and nproc > gpus:
-                    arm["skip_reason"] = f"needs {nproc} GPUs, {gpus} visible"
-                arms.append(arm)
+    for compiled, seq, tp in ((c, s, t) for c in args.compile_modes for s in args.seqs for t in args.tp):
+        nproc = tp  # one rank per TP shard, DP = 1: per-GPU numbers without DP communication
+        dp = nproc // tp
+        # TP > 1 runs with sequence parallelism (Megatron's recommendation with TP): the
+        # same communication volume as TP's all-reduces, as reduce-scatter + all-gather,
+        # and LayerNorm/dropout activations sharded instead of replicated.
+        sp = tp > 1 and args.sequence_parallel
+        micro = micro_batch_for(seq, args.micro_batch, kind)
+        for mode in args.modes:
+            arm: dict[str, Any] = {
+                "name": f"s{seq}-tp{tp}-{mode}" + ("-compiled" if compiled else ""),
+                "seq_length": seq, "tp": tp, "nproc": nproc, "dp": dp, "sequence_parallel": sp,
+                "mode": mode, "compile": compiled, "micro_batch": micro,
+                "theory_flop_ratio": theoretical_ratio(model_cfg, mode, seq),
+            }
+            try:
+                arm["global_batch"] = global_batch_for(micro, dp, args.global_batch, kind, args.quick)
+            except ValueError as exc:
+                arm["global_batch"] = None
+                arm["skip_reason"] = str(exc)
+            if kind == "cuda" and nproc > gpus:
+                arm["skip_reason"] = f"needs {nproc} GPUs, {gpus} visible"
+            arms.append(arm)
     return arms
 
 
@@ -201,6 +205,8 @@ def train_args_for(arm: dict[str, Any], args: argparse.Namespace, model_config: 
            "--data-cache", str(args.data_cache)]
     if arm["sequence_parallel"]:
         out.append("--sequence-parallel")
+    if arm["compile"]:
+        out.append("--compile")
     if args.activation_checkpointing:
         out.append("--activation-checkpointing")
     return out
@@ -217,9 +223,21 @@ def threads_per_rank(nproc: int, kind: str) -> int:
     return max(1, cores // nproc) if kind == "cpu" else max(1, min(8, cores // nproc))
 
 
-def run_arm(arm: dict[str, Any], args: argparse.Namespace, model_config: Path, kind: str) -> None:
+def start_record(log_dir: Path) -> dict[str, Any]:
+    """The run's start record (allocator, SDPA kernel, compile on/off), {} when absent."""
+    path = log_dir / "metrics.jsonl"
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            record = json.loads(line)
+            if record.get("event") in ("start", "resume"):
+                return record
+    return {}
+
+
+def run_arm(arm: dict[str, Any], args: argparse.Namespace, model_config: Path, kind: str,
+            budget: "Budget") -> None:
     """Run one arm and fill in its numbers, or its error: one failed arm (an OOM, say) must not
-    cost the results of the others."""
+    cost the results of the others. An arm the time budget cannot fit is skipped."""
     train_args = train_args_for(arm, args, model_config)
     log_dir = args.work_dir / "logs" / arm["name"]
     arm["train_args"] = train_args
@@ -227,12 +245,16 @@ def run_arm(arm: dict[str, Any], args: argparse.Namespace, model_config: Path, k
     if arm.get("skip_reason"):
         arm.update(status="failed", error=f"not run: {arm['skip_reason']}")
         return
+    if not budget.fits(arm["compile"]):
+        arm.update(status="skipped", error=f"not run: {budget.left():.0f} s of the "
+                                           f"{args.budget_s:.0f} s budget left")
+        return
     shutil.rmtree(log_dir, ignore_errors=True)  # metrics.jsonl is appended to: start clean
     threads = threads_per_rank(arm["nproc"], kind)
     t0 = time.perf_counter()
     try:
         records = run_training(train_args, arm["nproc"], log_dir, threads_per_rank=threads,
-                               timeout=args.timeout)
+                               timeout=budget.timeout(args.timeout), tuned_allocator=kind == "cpu")
         if len(records) != args.train_iters:
             raise RuntimeError(f"metrics.jsonl holds {len(records)} step records, expected {args.train_iters}")
         stats = summarize(records, warmup=args.warmup)
@@ -242,20 +264,51 @@ def run_arm(arm: dict[str, Any], args: argparse.Namespace, model_config: Path, k
         arm.update(status="failed", error=text[-4000:], oom="out of memory" in text.lower(),
                    wall_s=time.perf_counter() - t0)
         return
+    finally:
+        start = start_record(log_dir)
+        arm.update(sdpa_backend=start.get("sdpa_backend"), allocator=start.get("allocator"))
     gpus = arm["nproc"]
     arm.update(status="ok", wall_s=time.perf_counter() - t0, threads_per_rank=threads, **stats)
+    budget.record(arm["compile"], arm["wall_s"])
     arm["tokens_per_s_per_gpu"] = stats["tokens_per_s"] / gpus
     arm.setdefault("mfu", None)
 
 
+class Budget:
+    """Wall-clock budget of the whole benchmark, counted from `t0` (the shell entry passes the
+    moment it started, so installing counts too). An arm starts only when the time left covers
+    what an arm of its kind (eager / compiled) took so far, or a first guess."""
+
+    FIRST_GUESS_S = {False: 45.0, True: 120.0}
+
+    def __init__(self, seconds: float, t0: float) -> None:
+        self.seconds, self.t0 = seconds, t0
+        self.walls: dict[bool, list[float]] = {False: [], True: []}
+
+    def left(self) -> float:
+        return self.seconds - (time.time() - self.t0)
+
+    def fits(self, compiled: bool) -> bool:
+        walls = self.walls[compiled]
+        need = max(walls) if walls else self.FIRST_GUESS_S[compiled]
+        return self.left() >= need
+
+    def timeout(self, per_arm: float) -> float:
+        return max(1.0, min(per_arm, self.left()))
+
+    def record(self, compiled: bool, wall: float) -> None:
+        self.walls[compiled].append(wall)
+
+
 def add_comparisons(arms: list[dict[str, Any]]) -> None:
-    """Each arm against the `none` arm of the same (seq, TP): MFU difference, measured time ratio
-    (baseline tokens/s over this arm's: the global batch and length are the same) and realised
-    = measured saving / theoretical saving."""
-    base = {(a["seq_length"], a["tp"]): a for a in arms if a["mode"] == "none" and a.get("status") == "ok"}
+    """Each arm against the `none` arm of the same (seq, TP, compile): MFU difference, measured
+    time ratio (baseline tokens/s over this arm's: the global batch and length are the same) and
+    realised = measured saving / theoretical saving."""
+    base = {(a["seq_length"], a["tp"], a["compile"]): a for a in arms
+            if a["mode"] == "none" and a.get("status") == "ok"}
     for a in arms:
         a.update(mfu_minus_baseline=None, measured_time_ratio=None, realised_saving=None)
-        b = base.get((a["seq_length"], a["tp"]))
+        b = base.get((a["seq_length"], a["tp"], a["compile"]))
         if b is None or a.get("status") != "ok":
             continue
         if a.get("mfu") is not None and b.get("mfu") is not None:
@@ -299,14 +352,15 @@ def _num(x: float | None, fmt: str) -> str:
 
 def table(arms: list[dict[str, Any]]) -> str:
     """The markdown table printed at the end and stored in the JSON."""
-    headers = ["seq", "TP", "SP", "mode", "micro/global", "tokens/s per GPU", "TFLOP/s per GPU",
-               "MFU", "MFU - baseline MFU (pts)", "theory FLOP ratio", "measured time ratio",
-               "realised saving", "peak mem GiB", "status"]
+    headers = ["seq", "TP", "SP", "mode", "compile", "SDPA", "micro/global", "tokens/s per GPU",
+               "TFLOP/s per GPU", "MFU", "MFU - baseline MFU (pts)", "theory FLOP ratio",
+               "measured time ratio", "realised saving", "peak mem GiB", "status"]
     rows = []
     for a in arms:
         ok = a.get("status") == "ok"
         rows.append([
             a["seq_length"], a["tp"], "on" if a["sequence_parallel"] else "off", a["mode"],
+            "on" if a["compile"] else "off", a.get("sdpa_backend") or "-",
             f"{a['micro_batch']}/{a.get('global_batch')}",
             f"{a['tokens_per_s_per_gpu']:,.0f}" if ok else "-",
             _num(a.get("tflops_per_device") if ok else None, ".3g"),
@@ -314,7 +368,7 @@ def table(arms: list[dict[str, Any]]) -> str:
             f"{a['theory_flop_ratio']:.3f}", _num(a.get("measured_time_ratio"), ".3f"),
             _num(a.get("realised_saving"), ".2f"),
             _num(a["peak_memory_bytes_rank0"] / 2**30 if ok else None, ".1f"),
-            "ok" if ok else ("OOM" if a.get("oom") else "failed"),
+            "ok" if ok else ("OOM" if a.get("oom") else a.get("status", "failed")),
         ])
     return markdown_table(headers, rows)
 
@@ -361,7 +415,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="model vocabulary (default: BERT's, not the sample tokenizer's 8192)")
     p.add_argument("--ds-config", type=Path, default=None,
                    help="DeepSpeed JSON (default: ds_configs/zero2_bf16.json on GPU, cpu_tiny.json on CPU)")
+    p.add_argument("--compile-modes", default=None,
+                   help="eager, compiled or eager,compiled (train.py --compile); default: both on "
+                        "a GPU, eager on a CPU")
+    p.add_argument("--budget-s", type=float, default=None,
+                   help="wall-clock budget of the whole run, installation included (default: "
+                        f"{ONE_SHOT_BUDGET_S:.0f} s with --quick, none otherwise); arms that no "
+                        "longer fit are recorded as skipped")
     p.add_argument("--out", type=Path, default=RESULTS_DIR / "gpu.json")
+    p.add_argument("--out-dir", type=Path, default=None,
+                   help="write gpu.json and gpu.md (the table and the goals) into this folder")
     p.add_argument("--work-dir", type=Path, default=REPO_ROOT / "runs" / "gpu_bench",
                    help="run logs (and the data cache unless --data-cache)")
     p.add_argument("--data-cache", type=Path, default=None,
@@ -395,6 +458,15 @@ def parse(argv: list[str] | None = None) -> tuple[argparse.Namespace, str, dict[
         p.error(f"with sctd the timed steps must be whole ScTD intervals of {SCTD_INTERVAL}: "
                 f"--warmup and --train-iters minus --warmup must be multiples of {SCTD_INTERVAL} "
                 f"(got {args.warmup}, {args.train_iters})")
+    compile_modes = args.compile_modes or ("eager,compiled" if kind == "cuda" else "eager")
+    words = [w.strip() for w in compile_modes.split(",") if w.strip()]
+    if not words or set(words) - {"eager", "compiled"}:
+        p.error(f"--compile-modes must be eager, compiled or both, got {compile_modes!r}")
+    args.compile_modes = [w == "compiled" for w in dict.fromkeys(words)]
+    if args.budget_s is None:
+        args.budget_s = ONE_SHOT_BUDGET_S if args.quick else float("inf")
+    if args.out_dir is not None:
+        args.out = args.out_dir / "gpu.json"
     if args.ds_config is None:
         args.ds_config = REPO_ROOT / "ds_configs" / ("zero2_bf16.json" if kind == "cuda" else "cpu_tiny.json")
     args.ds_config = args.ds_config.resolve()
@@ -409,6 +481,7 @@ def parse(argv: list[str] | None = None) -> tuple[argparse.Namespace, str, dict[
 def main(argv: list[str] | None = None) -> int:
     """Run every arm, write the JSON after each one, print the table; 1 if any arm failed."""
     args, kind, probe = parse(argv)
+    budget = Budget(args.budget_s, float(os.environ.get(ENV_START) or time.time()))
     args.work_dir.mkdir(parents=True, exist_ok=True)
     model_config = args.work_dir / "model_config.json"
     model_config.write_text(json.dumps({"vocab_size": args.vocab_size}))
@@ -433,31 +506,39 @@ def main(argv: list[str] | None = None) -> int:
             "keep_ratio": KEEP_RATIO, "sctd_interval": SCTD_INTERVAL, "mask_fraction": MASK_FRACTION,
             "sequence_parallel_when_tp_gt_1": args.sequence_parallel,
             "activation_checkpointing": args.activation_checkpointing, "quick": args.quick,
+            "compile_modes": ["compiled" if c else "eager" for c in args.compile_modes],
+            "budget_s": args.budget_s if args.budget_s != float("inf") else None,
             "work_dir": str(args.work_dir), "data_cache": str(args.data_cache),
         },
         "arms": arms,
     }
-    print(f"{len(arms)} arms on {dev} ({kind}), {args.train_iters} steps each, first {args.warmup} untimed",
+    print(f"{len(arms)} arms on {dev} ({kind}), {args.train_iters} steps each, first {args.warmup} untimed"
+          + (f", {budget.left():.0f} s of budget left" if budget.seconds != float("inf") else ""),
           flush=True)
     for i, arm in enumerate(arms, 1):
         print(f"[{i}/{len(arms)}] {arm['name']} ...", end=" ", flush=True)
-        run_arm(arm, args, model_config, kind)
+        run_arm(arm, args, model_config, kind, budget)
         add_comparisons(arms)
         if arm["status"] == "ok":
-            print(f"{arm['tokens_per_s_per_gpu']:,.0f} tokens/s per GPU, MFU {_pct(arm['mfu'])} "
-                  f"({arm['wall_s']:.0f} s)", flush=True)
+            print(f"{arm['tokens_per_s_per_gpu']:,.0f} tokens/s per GPU, MFU {_pct(arm['mfu'])}, "
+                  f"SDPA {arm.get('sdpa_backend')} ({arm['wall_s']:.0f} s)", flush=True)
         else:
-            print(f"FAILED: {arm['error'].strip().splitlines()[-1] if arm['error'].strip() else ''}",
-                  flush=True)
+            print(f"{arm['status'].upper()}: "
+                  f"{arm['error'].strip().splitlines()[-1] if arm['error'].strip() else ''}", flush=True)
         write_json_atomic(args.out, payload)  # a crash later on keeps what is done
-    failed = [a["name"] for a in arms if a["status"] != "ok"]
-    payload.update(complete=True, failed_arms=failed, goals=goals(arms), table=table(arms))
+    failed = [a["name"] for a in arms if a["status"] == "failed"]
+    skipped = [a["name"] for a in arms if a["status"] == "skipped"]
+    payload.update(complete=True, failed_arms=failed, skipped_arms=skipped, goals=goals(arms),
+                   table=table(arms), wall_s=time.time() - budget.t0)
     write_json_atomic(args.out, payload)
+    report = payload["table"] + "\n\n" + "\n".join(
+        f"{ {True: 'PASS', False: 'FAIL', None: 'n/a'}[g['pass']]:4}  {g['goal']}" for g in payload["goals"])
+    if args.out_dir is not None:
+        (args.out_dir / "gpu.md").write_text(f"{dev}, {payload['wall_s']:.0f} s in all\n\n{report}\n")
     print()
-    print(payload["table"])
-    for g in payload["goals"]:
-        verdict = {True: "PASS", False: "FAIL", None: "n/a"}[g["pass"]]
-        print(f"{verdict:4}  {g['goal']}")
+    print(report)
+    if skipped:
+        print(f"skipped for the time budget: {', '.join(skipped)}")
     print(f"\nwrote {args.out}")
     if failed:
         print(f"failed arms: {', '.join(failed)} (errors in the JSON)", file=sys.stderr)

@@ -12,9 +12,13 @@ Arms
                isolates the encoder/implementation difference from the "head only at masked
                positions" saving (disable with --no-allpos)
 
-ratio = median(ours) / median(hf); goal: <= 1.0. A correctness column compares the loss (and
-the gradients) of ours vs HF on the same batch in eval mode (no dropout): fp32 should agree to
-~1e-5.
+ratio = median(ours) / median(hf); goal: <= 1.0. Equal work: median(ours_allpos) / median(hf);
+goal (fp32): <= 0.85. A correctness column compares the loss (and the gradients) of ours vs HF
+on the same batch in eval mode (no dropout): fp32 should agree to ~1e-5.
+
+CPU efficiency: each arm's model FLOP/s (matmul FLOPs as `sctd_dist.flops` counts them, for the
+positions that arm predicts) over the FLOP/s of the model's own FFN GEMM ([tokens, h] x [h, 4h],
+`gemm` arm) timed in the same interleaved loop; goal at base width, fp32, our step: >= 0.8.
 
     python benchmarks/model_step.py --quick          # smoke run (~1 min on 2 CPU cores)
     python benchmarks/model_step.py                  # full CPU run -> results/model_step.json
@@ -50,6 +54,9 @@ DEFAULT_BATCH = {
     ("base-w", 128, "bf16"): 4, ("base-w", 512, "bf16"): 1,
 }
 QUICK_BATCH = {k: max(1, v // 4) for k, v in DEFAULT_BATCH.items()}
+GEMM_REPEATS = 4  # FFN GEMMs per timed `gemm` call: a timed region of a few tens of ms
+GOAL_EQUAL_WORK = 0.85  # ours_allpos / hf, fp32
+GOAL_CPU_EFFICIENCY = 0.8  # our step's model FLOP/s over the GEMM's, base width, fp32
 
 
 def parse_args(argv=None):
@@ -135,6 +142,28 @@ def make_steps(ours, hf, batch, allpos_labels, device, dtype_name, args):
     return arms
 
 
+def gemm_arm(tokens: int, cfg, dtype: torch.dtype, device: torch.device):
+    """The model's FFN up-projection GEMM ([tokens, h] x [h, 4h]) GEMM_REPEATS times, and its
+    FLOPs: the machine's matmul throughput at this model's shapes, threads and dtype."""
+    import torch.nn.functional as F
+
+    x = torch.randn(tokens, cfg.hidden_size, dtype=dtype, device=device)
+    w = torch.randn(cfg.intermediate_size, cfg.hidden_size, dtype=dtype, device=device)
+
+    def run() -> None:
+        for _ in range(GEMM_REPEATS):
+            F.linear(x, w)
+
+    return run, GEMM_REPEATS * 2.0 * tokens * cfg.hidden_size * cfg.intermediate_size
+
+
+def model_flops(cfg, batch: int, seq: int, masked_per_seq: float) -> float:
+    """Training matmul FLOPs of one step (forward + backward = 3x forward)."""
+    from sctd_dist.flops import sequence_forward_flops
+
+    return 3.0 * batch * sequence_forward_flops(cfg, seq, masked_per_seq)
+
+
 def correctness(ours, hf, batch, device, dtype_name, args) -> dict:
     """Loss and gradient agreement of ours vs HF on one batch, eval mode (no dropout)."""
     ours.eval()
@@ -162,7 +191,23 @@ def correctness(ours, hf, batch, device, dtype_name, args) -> dict:
             "grad_rel_diff": (num / den) ** 0.5 if den else None}
 
 
+def goals_of(case: dict) -> list[dict]:
+    """The issue's goals that apply to this case, with value and verdict."""
+    out = [{"goal": "ours/HF <= 1.0", "value": case["ratio_ours_over_hf"],
+            "pass": case["ratio_ours_over_hf"] <= 1.0}]
+    if case["dtype"] == "fp32" and case["ratio_allpos_over_hf"] is not None:
+        out.append({"goal": f"equal work: ours_allpos/HF <= {GOAL_EQUAL_WORK}",
+                    "value": case["ratio_allpos_over_hf"],
+                    "pass": case["ratio_allpos_over_hf"] <= GOAL_EQUAL_WORK})
+    if case["dtype"] == "fp32" and case["model"] == "base-w":
+        eff = case["cpu_efficiency"]["ours"]
+        out.append({"goal": f"CPU efficiency of our step >= {GOAL_CPU_EFFICIENCY}", "value": eff,
+                    "pass": eff >= GOAL_CPU_EFFICIENCY})
+    return out
+
+
 def main(argv=None) -> int:
+    common.use_tuned_allocator()
     args = parse_args(argv)
     device = common.setup_torch(args)
     env = common.environment(args, device)
@@ -192,6 +237,7 @@ def main(argv=None) -> int:
                     allpos[unl] = batch["input_ids"][unl]  # a target at every position
                 check = correctness(ours, hf, batch, device, dtype_name, args)
                 arms = make_steps(ours, hf, batch, allpos, device, dtype_name, args)
+                arms["gemm"], gemm_flops = gemm_arm(bsz * seq, ours.config, common.DTYPES[dtype_name], device)
                 t0 = time.perf_counter()
                 cpu: dict[str, list[float]] = {}
                 load0 = common.loadavg()
@@ -217,23 +263,37 @@ def main(argv=None) -> int:
                     "correctness_eval_mode": check,
                     "case_wall_s": time.perf_counter() - t0,
                 }
+                masked = case["masked_per_seq"]
+                flops = {"ours": model_flops(ours.config, bsz, seq, masked),
+                         "hf": model_flops(ours.config, bsz, seq, seq)}
+                if allpos is not None:
+                    flops["ours_allpos"] = flops["hf"]
+                gemm_rate = gemm_flops / med["gemm"]
+                case["tokens_per_s"].pop("gemm")
+                case.update(
+                    model_flops_per_step=flops, gemm_flops_per_s=gemm_rate,
+                    model_flops_per_s={k: f / med[k] for k, f in flops.items()},
+                    cpu_efficiency={k: f / med[k] / gemm_rate for k, f in flops.items()})
+                case["goals"] = goals_of(case)
                 cases.append(case)
+                eff = case["cpu_efficiency"]
                 print(f"  {name:6s} s={seq:<4d} {dtype_name} b={bsz:<3d} ours {med['ours']:.3f}s "
                       f"hf {med['hf']:.3f}s ratio {case['ratio_ours_over_hf']:.3f} "
                       f"(min {case['ratio_ours_over_hf_min']:.3f}, cpu {case['ratio_ours_over_hf_cpu']:.3f})"
                       + (f" allpos/hf {case['ratio_allpos_over_hf']:.3f}" if allpos is not None else "")
+                      + f" | CPU eff ours {eff['ours']:.2f} hf {eff['hf']:.2f}"
                       + f" | loss diff {check['loss_abs_diff']:.2e} grad rel {check['grad_rel_diff']:.2e}",
                       flush=True)
             del ours, hf
 
-    headers = ["model", "layers", "seq", "dtype", "batch", "ours s", "HF s", "ours/HF",
-               "ours/HF (min)", "ours/HF (cpu)", "ours_allpos/HF", "goal <=1.0", "|loss diff|",
-               "grad rel diff"]
+    headers = ["model", "layers", "seq", "dtype", "batch", "ours tok/s", "ours/HF",
+               "ours/HF (min)", "ours_allpos/HF", "CPU eff ours", "CPU eff allpos", "CPU eff HF",
+               "GEMM GFLOP/s", "|loss diff|", "grad rel diff"]
     rows = [[c["model"], c["config"]["num_hidden_layers"], c["seq"], c["dtype"], c["batch"],
-             c["median_s"]["ours"], c["median_s"]["hf"], c["ratio_ours_over_hf"],
-             c["ratio_ours_over_hf_min"], c["ratio_ours_over_hf_cpu"],
+             round(c["tokens_per_s"]["ours"]), c["ratio_ours_over_hf"], c["ratio_ours_over_hf_min"],
              c["ratio_allpos_over_hf"] if c["ratio_allpos_over_hf"] is not None else "-",
-             "yes" if c["goal_met"] else "NO",
+             c["cpu_efficiency"]["ours"], c["cpu_efficiency"].get("ours_allpos", "-"),
+             c["cpu_efficiency"]["hf"], c["gemm_flops_per_s"] / 1e9,
              f"{c['correctness_eval_mode']['loss_abs_diff']:.1e}",
              f"{c['correctness_eval_mode']['grad_rel_diff']:.1e}"] for c in cases]
     md = common.markdown_table(headers, rows)

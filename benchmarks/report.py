@@ -73,15 +73,48 @@ def zero_stages(d: dict[str, Any]) -> str:
 def model_step(d: dict[str, Any]) -> str:
     rows = []
     for c in d["cases"]:
+        eff = c.get("cpu_efficiency", {})
         rows.append([c["model"], c["seq"], c["dtype"], c["batch"], f"{c['tokens_per_s']['ours']:,.0f}",
                      f"{c['tokens_per_s']['hf']:,.0f}", f"{c['ratio_ours_over_hf']:.2f}",
                      f"{c['ratio_allpos_over_hf']:.2f}" if c.get("ratio_allpos_over_hf") else "-",
+                     f"{eff['ours']:.2f}" if "ours" in eff else "-",
+                     f"{eff['hf']:.2f}" if "hf" in eff else "-",
+                     f"{c['gemm_flops_per_s'] / 1e9:.0f}" if "gemm_flops_per_s" in c else "-",
                      f"{c['correctness_eval_mode']['grad_rel_diff']:.1e}"])
     table = markdown_table(["model", "seq", "dtype", "batch", "ours tok/s", "transformers tok/s",
-                            "time ours/HF", "ours all-positions/HF", "grad rel diff"], rows)
-    return (f"{table}\n\nSame config, weights and batch; one step = forward + backward. We compute MLM "
-            "logits at the masked positions only; `ours all-positions` gives our model a label at every "
-            "position (transformers' amount of head work), which separates that saving from kernel speed.")
+                            "time ours/HF", "equal work: ours all-positions/HF", "CPU efficiency ours",
+                            "CPU efficiency HF", "FFN GEMM GFLOP/s", "grad rel diff"], rows)
+    verdict = {True: "met", False: "not met"}
+    goals = [f"- {c['model']} s{c['seq']} {c['dtype']}: {g['goal']}: {g['value']:.2f}, {verdict[g['pass']]}"
+             for c in d["cases"] for g in c.get("goals", []) if not g["goal"].startswith("ours/HF")]
+    return "\n".join([
+        table, "",
+        "Same config, weights and batch; one step = forward + backward. We compute MLM logits at the "
+        "masked positions only; `equal work` gives our model a label at every position (transformers' "
+        "amount of head work), which separates that saving from kernel speed. CPU efficiency = model "
+        "FLOP/s (`sctd_dist.flops`, for the positions each model predicts) over the FLOP/s of the "
+        "model's FFN GEMM timed in the same loop.", "", *goals])
+
+
+def train_vs_hf(d: dict[str, Any]) -> str:
+    s = d["settings"]
+    verdict = {True: "met", False: "not met"}
+    goals = [f"- {g['goal']}: {g['value']:.2f}x, {verdict[g['pass']]}" for g in d["goals"]]
+    return "\n".join([
+        d["table"], "",
+        f"`{s['model']}` model, seq {s['seq_length']}, micro-batch {s['micro_batch']}, global batch "
+        f"{s['global_batch']}, 1 rank x {s['threads']} thread, `{Path(s['ds_config']).name}`, the same "
+        f"data pipeline and allocator; {s['rounds']} rounds of {s['train_iters']} steps per arm, tokens/s = "
+        "median over whole ScTD intervals after the first 10 steps.", "", *goals])
+
+
+def allocator(d: dict[str, Any]) -> str:
+    s = d["settings"]
+    return "\n".join([
+        d["table"], "",
+        f"Base width, {s['layers']} layers, seq {s['seq']}, batch {s['batch']}, fp32, {s['threads']} "
+        f"thread; each allocator in its own processes, {s['rounds']} rounds in rotated order; "
+        f"the launch default here is `{d['default_choice']}`."])
 
 
 def data_pipeline(d: dict[str, Any]) -> str:
@@ -116,6 +149,24 @@ def convergence(d: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def quality(d: dict[str, Any]) -> str:
+    from quality import summarize, table, verdicts
+
+    s = d["settings"]
+    summary, comparisons = summarize(d)  # derived from the raw per-seed records in the file
+    majority = ", ".join(f"{t} {v:.3f}" for t, v in d.get("majority_class_accuracy", {}).items())
+    lines = [table(d, summary), "",
+             f"Model: {s['layers']} layers, hidden {s['hidden']}, seq {s['seq_length']}, batch {s['batch']}, "
+             f"lr {s['lr']}; {s['budget_s']:.0f} s of training per arm and seed, seeds {s['seeds']}, every arm "
+             "of every seed interleaved in one process; mean ± std over seeds. Each final model fine-tuned on "
+             f"{', '.join(s['tasks'])} (lr {s['ft_lr']}, {s['ft_epochs']:g} epochs, its pretraining seed)"
+             + (f"; majority-class accuracy {majority}." if majority else "."), "",
+             "Differences between arms, and whether they exceed the seed spread (the arms' min-max ranges "
+             "over seeds do not overlap):", "", *[f"- {v}" for v in verdicts(comparisons)], "",
+             "![pretraining](quality_pretraining.png)", "", "![downstream](quality_downstream.png)"]
+    return "\n".join(lines)
+
+
 def gpu(d: dict[str, Any]) -> str:
     if not d.get("complete"):
         return "The last run did not finish; its finished arms are in the JSON."
@@ -129,9 +180,12 @@ def gpu(d: dict[str, Any]) -> str:
 SECTIONS: list[tuple[str, str, Callable[[dict[str, Any]], str]]] = [
     ("token_drop", "Token dropping: throughput against theory", token_drop),
     ("convergence", "Quality at equal wall-clock, and semantic drift", convergence),
+    ("quality", "Time to quality over seeds, and downstream scores", quality),
     ("scaling", "Tensor and data parallelism on 2 ranks", scaling),
     ("zero_stages", "Memory per rank per ZeRO stage", zero_stages),
     ("model_step", "Our model against transformers' BertForMaskedLM", model_step),
+    ("train_vs_hf", "Training through train.py against transformers' BertForMaskedLM", train_vs_hf),
+    ("allocator", "CPU memory allocator", allocator),
     ("data_pipeline", "Data pipeline", data_pipeline),
     ("gpu", "GPU: BERT-large throughput and MFU", gpu),
 ]

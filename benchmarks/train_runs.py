@@ -18,6 +18,7 @@ from typing import Any
 from common import REPO_ROOT, loadavg, median
 
 TRAIN_PY = REPO_ROOT / "sctd_dist" / "train.py"
+HF_TRAIN_PY = REPO_ROOT / "benchmarks" / "hf_train.py"  # transformers' model, the same loop
 
 
 def free_port() -> int:
@@ -44,14 +45,20 @@ def _kill_tree(pid: int) -> None:
 
 
 def run_training(train_args: list[str], nproc: int, log_dir: Path, *,
-                 threads_per_rank: int = 1, timeout: float | None = None) -> list[dict[str, Any]]:
-    """Run train.py on `nproc` local ranks with `train_args` (plus --log-dir/--no-progress) and
-    return the step records of its metrics.jsonl. A failed run raises TrainingRunFailed: a number
+                 threads_per_rank: int = 1, timeout: float | None = None, script: Path = TRAIN_PY,
+                 tuned_allocator: bool = True) -> list[dict[str, Any]]:
+    """Run train.py (or `script`, which takes its flags) on `nproc` local ranks with `train_args`
+    (plus --log-dir/--no-progress) and return the step records of its metrics.jsonl, under the
+    tuned CPU allocator unless told otherwise. A failed run raises TrainingRunFailed: a number
     from a half-run job would be meaningless."""
+    from sctd_dist import allocator
+
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
            "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
-           str(TRAIN_PY), *train_args, "--log-dir", str(log_dir), "--no-progress"]
+           str(script), *train_args, "--log-dir", str(log_dir), "--no-progress"]
     env = dict(os.environ, OMP_NUM_THREADS=str(threads_per_rank))
+    if tuned_allocator:
+        env = allocator.environment(allocator.choose(env), env)
     proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
     try:

@@ -8,8 +8,11 @@ from __future__ import annotations
 
 from sctd_dist.model.config import BertModelConfig, TokenDropConfig
 
-# Dense bf16 tensor-core peaks (TFLOP/s) for the MFU column; unknown devices get no MFU.
-PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0}
+# Dense bf16 tensor-core peaks (TFLOP/s) for the MFU column; unknown devices get no MFU. The
+# first name contained in the device's name wins: the PCIe and NVL H100s before the SXM one
+# ("NVIDIA H100 80GB HBM3"); "H200" also matches the GH200.
+PEAK_TFLOPS = {"H100 PCIe": 756.0, "H100 NVL": 835.0, "H100": 989.0, "H200": 989.0,
+               "A100": 312.0, "L40S": 362.0, "A10": 125.0}
 
 
 def layer_forward_flops(queries: int, keys: int, h: int, f: int) -> float:
@@ -56,6 +59,16 @@ def step_flops_per_sequence(cfg: BertModelConfig, drop: TokenDropConfig, seq: in
         # The full-token pass; its MLM head runs only when its loss is mixed in.
         flops += 3 * sequence_forward_flops(cfg, seq, masked if drop.mlm_mix > 0 else 0.0)
     return flops
+
+
+def step_flops(cfg: BertModelConfig, drop: TokenDropConfig, seq: int, masked: float, sequences: int,
+               step: int) -> float:
+    """Training FLOPs of optimizer step `step` (0-based) over `sequences` sequences of `seq`
+    tokens with `masked` predicted positions each, keeping as many tokens as the router does."""
+    from sctd_dist.model.router import num_kept
+
+    kept = num_kept(seq, drop.keep_ratio) if drop.enabled else None
+    return sequences * step_flops_per_sequence(cfg, drop, seq, masked, step, kept)
 
 
 def peak_tflops(device_name: str) -> float | None:

@@ -28,6 +28,8 @@ import textwrap
 from collections.abc import Iterator
 from pathlib import Path
 
+from sctd_dist.coordination import atomic_write
+
 DEFAULT_TARGET_BYTES = 3_000_000
 
 # A triple-quoted string that starts a line: docstrings and bare string statements, not
@@ -74,18 +76,34 @@ def _package_roots() -> list[Path]:
     return [roots[name] for name in sorted(roots)]
 
 
+def read_source(path: Path) -> str | None:
+    """The text of a Python source file, or None when it is unreadable or too big to hold prose."""
+    try:
+        if path.stat().st_size > _MAX_FILE_BYTES:
+            return None
+        return path.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return None
+
+
+def docstring_prose(source: str) -> Iterator[list[str]]:
+    """The prose paragraphs of each docstring of a Python source text, one list per docstring
+    (docstrings with no prose are skipped)."""
+    for match in _DOCSTRING.finditer(source):
+        paragraphs = list(_prose_paragraphs(match.group(2)))
+        if paragraphs:
+            yield paragraphs
+
+
 def _package_documents(root: Path, seen: set[bytes]) -> Iterator[str]:
     """Documents (one per docstring with prose) of one package; `seen` drops repeats globally."""
     for path in sorted(root.rglob("*.py")):
-        try:
-            if path.stat().st_size > _MAX_FILE_BYTES:
-                continue
-            source = path.read_text(encoding="utf-8", errors="replace")
-        except OSError:
+        source = read_source(path)
+        if source is None:
             continue
-        for match in _DOCSTRING.finditer(source):
+        for paragraphs in docstring_prose(source):
             kept = []
-            for para in _prose_paragraphs(match.group(2)):
+            for para in paragraphs:
                 digest = hashlib.blake2b(para.encode(), digest_size=12).digest()
                 if digest not in seen:
                     seen.add(digest)
@@ -108,28 +126,31 @@ def iter_sample_documents() -> Iterator[str]:
         streams = alive
 
 
+def sample_corpus_documents(target_bytes: int = DEFAULT_TARGET_BYTES) -> Iterator[str]:
+    """The documents of the sample corpus of about `target_bytes`, in file order: up to and
+    including the first one that reaches the target (or until the docstrings run out)."""
+    if target_bytes <= 0:
+        raise ValueError(f"target_bytes must be positive, got {target_bytes}")
+    written = 0
+    for doc in iter_sample_documents():
+        yield doc
+        written += len(doc) + 1  # ASCII only: characters are bytes
+        if written >= target_bytes:
+            return
+
+
 def write_sample_corpus(path: str | Path, target_bytes: int = DEFAULT_TARGET_BYTES) -> Path:
     """Write about `target_bytes` of English prose to `path`, one document per line.
 
     Stops at the first document that reaches the target (or when the environment runs out of
     docstrings); the file is written atomically. Returns the path.
     """
-    if target_bytes <= 0:
-        raise ValueError(f"target_bytes must be positive, got {target_bytes}")
+    docs = [doc + "\n" for doc in sample_corpus_documents(target_bytes)]
+    if not docs:
+        raise RuntimeError("no installed package has docstrings to build the sample corpus from")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    written = 0
-    with open(tmp, "w", encoding="utf-8", newline="\n") as f:
-        for doc in iter_sample_documents():
-            f.write(doc + "\n")
-            written += len(doc) + 1  # ASCII only: characters are bytes
-            if written >= target_bytes:
-                break
-    if written == 0:
-        tmp.unlink()
-        raise RuntimeError("no installed package has docstrings to build the sample corpus from")
-    tmp.replace(path)
+    atomic_write(path, "".join(docs))
     return path
 
 

@@ -8,14 +8,13 @@ instead of one per projection, and sequence parallelism done with device-neutral
 
 from __future__ import annotations
 
-import contextlib
-from typing import Callable, Iterator
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sctd_dist.parallel import mappings
+from sctd_dist.parallel import mappings, sharded_ops
 from sctd_dist.parallel.random import SHARDED_RNG
 from sctd_dist.parallel.state import ParallelContext
 
@@ -53,7 +52,7 @@ def _without_extra_state(module: nn.Module) -> nn.Module:
 
 def column_parallel_linear(in_features: int, out_features: int, ctx: ParallelContext, std: float):
     """Output-sharded linear; the caller routes its input through `enter_tp_region`."""
-    from megatron.core.tensor_parallel import ColumnParallelLinear
+    from sctd_dist.parallel.tensor_parallel import ColumnParallelLinear
 
     return _without_extra_state(ColumnParallelLinear(
         in_features, out_features, config=_mcore_config(ctx), init_method=normal_init(std),
@@ -63,29 +62,39 @@ def column_parallel_linear(in_features: int, out_features: int, ctx: ParallelCon
 
 def row_parallel_linear(in_features: int, out_features: int, ctx: ParallelContext, std: float):
     """Input-sharded linear; use `row_parallel_forward` to run it."""
-    from megatron.core.tensor_parallel import RowParallelLinear
+    from sctd_dist.parallel.tensor_parallel import RowParallelLinear
 
     sequence_parallel = ctx.sequence_parallel and ctx.tp_size > 1
     layer = RowParallelLinear(
         in_features, out_features, config=_mcore_config(ctx), init_method=normal_init(std),
         bias=True, input_is_parallel=True, skip_bias_add=sequence_parallel, tp_group=ctx.tp_group,
     )
-    if sequence_parallel:
-        # megatron-core's own SP reduce-scatter needs CUDA. `explicit_expert_comm` makes its
-        # forward return the partial sums (the caller communicates), so the layer still runs
-        # through its own forward, which ZeRO-3 needs to gather its weight.
-        layer.explicit_expert_comm = True
+    # megatron-core's own SP reduce-scatter needs CUDA: under SP the layer returns its partial
+    # sums and the caller communicates. The layer still runs through its own forward, which
+    # ZeRO-3 needs to gather its weight.
+    layer.partial_output = sequence_parallel
     return _without_extra_state(layer)
 
 
 def vocab_parallel_embedding(num_embeddings: int, dim: int, ctx: ParallelContext, std: float):
-    """Vocabulary-sharded embedding (output replicated over the TP group)."""
-    from megatron.core.tensor_parallel import VocabParallelEmbedding
+    """Vocabulary-sharded embedding (output replicated over the TP group); a decoder tied to its
+    weight runs through `tied_decoder`."""
+    from sctd_dist.parallel.tensor_parallel import VocabParallelEmbedding
 
     return VocabParallelEmbedding(
         num_embeddings, dim, init_method=normal_init(std), config=_mcore_config(ctx),
         tp_group=ctx.tp_group,
     )
+
+
+def tied_decoder(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, tied,
+                 ctx: ParallelContext) -> torch.Tensor:
+    """Vocab-parallel logits of replicated rows `h` with the weight of a
+    `vocab_parallel_embedding` (`tied`: its `.tied`): the weight's gradient from both uses is
+    assembled without a second V x h buffer (see `tied_embedding`)."""
+    from sctd_dist.parallel.tied_embedding import decoder
+
+    return decoder(copy_to_tensor_parallel(h, ctx), weight, bias, tied)
 
 
 def mark_tensor_parallel(param: torch.Tensor, dim: int = 0) -> None:
@@ -155,14 +164,26 @@ def split_to_sequence(x: torch.Tensor, ctx: ParallelContext) -> torch.Tensor:
     return x
 
 
-@contextlib.contextmanager
-def sharded_rng(ctx: ParallelContext, active: bool) -> Iterator[None]:
-    """Draw from the per-TP-rank RNG stream when `active` (work differs between TP ranks)."""
-    if active and ctx.tp_size > 1:
-        with SHARDED_RNG.fork(ctx.device):
-            yield
-    else:
-        yield
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+              dropout_p: float, ctx: ParallelContext) -> torch.Tensor:
+    """`scaled_dot_product_attention` over this rank's heads (`mask`: True = a real key).
+
+    Each TP rank owns different heads, so their attention-dropout masks must differ: the
+    dropout draws from the sharded stream. The fused kernels draw inside themselves, which a
+    compiled graph cannot redirect, so a compiled layer at TP > 1 with attention dropout runs
+    the attention as matmuls, softmax and a sharded dropout mask (`sharded_ops`) instead.
+    """
+    if dropout_p == 0.0 or ctx.tp_size == 1:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+    if torch.compiler.is_compiling():
+        scores = torch.matmul(q * q.shape[-1] ** -0.5, k.transpose(-2, -1))
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        probs = scores.float().softmax(dim=-1).to(q.dtype)
+        probs = probs * sharded_ops.sharded_dropout_mask(probs.detach(), dropout_p)
+        return torch.matmul(probs, v)
+    with SHARDED_RNG.fork(ctx.device):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
 
 
 class ParallelLayerNorm(nn.LayerNorm):
@@ -190,5 +211,9 @@ class ParallelDropout(nn.Dropout):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p == 0.0:
             return x
-        with sharded_rng(self.ctx, self.ctx.sequence_parallel):
+        if not (self.ctx.sequence_parallel and self.ctx.tp_size > 1):
+            return F.dropout(x, self.p, True)
+        if torch.compiler.is_compiling():
+            return x * sharded_ops.sharded_dropout_mask(x.detach(), self.p)
+        with SHARDED_RNG.fork(self.ctx.device):
             return F.dropout(x, self.p, True)

@@ -31,9 +31,11 @@ def _run(tmp_path: Path, data_dir: Path, *args: str) -> subprocess.CompletedProc
 
 
 def test_cpu_smoke_run_records_every_arm(data_dir: Path, tmp_path: Path) -> None:
-    proc = _run(tmp_path, data_dir, "--modes", "none,vanilla", "--train-iters", "4", "--warmup", "1")
+    proc = _run(tmp_path, data_dir, "--modes", "none,vanilla", "--train-iters", "4", "--warmup", "1",
+                "--out-dir", str(tmp_path / "out"))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    result = json.loads((tmp_path / "gpu.json").read_text())
+    result = json.loads((tmp_path / "out" / "gpu.json").read_text())
+    assert not (tmp_path / "gpu.json").exists()  # --out-dir decides where the results go
 
     assert result["complete"] is True and result["failed_arms"] == []
     assert result["device_kind"] == "cpu" and result["device"]
@@ -44,10 +46,15 @@ def test_cpu_smoke_run_records_every_arm(data_dir: Path, tmp_path: Path) -> None
     assert settings["precision"] == "fp32" and settings["ds_config"] == "ds_configs/cpu_tiny.json"
     assert settings["train_iters"] == 4 and settings["timed_steps"] == 3
 
+    assert settings["compile_modes"] == ["eager"] and settings["budget_s"] is None  # CPU defaults
     arms = {a["mode"]: a for a in result["arms"]}
     assert list(arms) == ["none", "vanilla"]
     for mode, arm in arms.items():
         assert arm["status"] == "ok", arm.get("error")
+        # What the run itself said at start-up: the attention kernel and the allocator it got.
+        assert arm["compile"] is False and "--compile" not in arm["train_args"]
+        assert arm["sdpa_backend"] in {"flash_attention", "efficient_attention", "math"}
+        assert arm["allocator"]
         assert arm["seq_length"] == SEQ and arm["tp"] == 1 and arm["nproc"] == 1
         assert arm["sequence_parallel"] is False
         # The real entry point ran this arm: its own metrics.jsonl holds every step.
@@ -74,13 +81,38 @@ def test_cpu_smoke_run_records_every_arm(data_dir: Path, tmp_path: Path) -> None
     assert abs(vanilla["realised_saving"] - realised) < 1e-12
     assert any(g["goal"].startswith("s64-tp1-vanilla: realises") for g in result["goals"])
 
-    # The markdown table: printed and stored, one row per arm, MFU columns say n/a on a CPU.
+    # The markdown table: printed and stored (and in gpu.md), one row per arm, MFU columns say
+    # n/a on a CPU.
     table = result["table"]
-    assert table in proc.stdout
+    assert table in proc.stdout and table in (tmp_path / "out" / "gpu.md").read_text()
     lines = table.splitlines()
     assert lines[0].startswith("| seq | TP |") and "MFU - baseline MFU" in lines[0]
     assert "theory FLOP ratio" in lines[0] and "realised saving" in lines[0]
+    assert "| compile | SDPA |" in lines[0]
     assert len(lines) == 2 + 2 and all("| n/a |" in row for row in lines[2:])
+
+
+def test_a_compiled_arm_runs_train_py_with_compile(data_dir: Path, tmp_path: Path) -> None:
+    proc = _run(tmp_path, data_dir, "--modes", "none", "--compile-modes", "compiled",
+                "--train-iters", "3", "--warmup", "1")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (arm,) = json.loads((tmp_path / "gpu.json").read_text())["arms"]
+    assert arm["name"] == f"s{SEQ}-tp1-none-compiled" and arm["status"] == "ok", arm.get("error")
+    assert arm["compile"] is True and "--compile" in arm["train_args"]
+    # train.py's own start record says its layers ran compiled.
+    start = [json.loads(line) for line in (Path(arm["log_dir"]) / "metrics.jsonl").read_text().splitlines()
+             if '"event": "start"' in line]
+    assert start and start[0]["compile"] is True and start[0]["sdpa_backend"] == arm["sdpa_backend"]
+
+
+def test_arms_beyond_the_time_budget_are_skipped(data_dir: Path, tmp_path: Path) -> None:
+    proc = _run(tmp_path, data_dir, "--modes", "none,vanilla", "--train-iters", "2", "--warmup", "1",
+                "--budget-s", "1")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads((tmp_path / "gpu.json").read_text())
+    assert result["skipped_arms"] == ["s64-tp1-none", "s64-tp1-vanilla"] and result["failed_arms"] == []
+    assert all(a["status"] == "skipped" and "budget" in a["error"] for a in result["arms"])
+    assert "skipped for the time budget" in proc.stdout
 
 
 def test_a_failed_arm_is_recorded_and_fails_the_run(data_dir: Path, tmp_path: Path) -> None:

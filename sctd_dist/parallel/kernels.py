@@ -1,0 +1,49 @@
+"""How the encoder layers run on the device: `torch.compile` of each layer, and which fused
+attention kernel `scaled_dot_product_attention` picks for the run's shapes.
+
+Each layer's `forward` is compiled on its own (as torchtitan compiles each transformer block):
+the module hooks around it (ZeRO-3's parameter gathering, activation checkpointing) stay
+eager, every layer reuses the same compiled code (parameters are graph inputs), and a graph is
+specialised on the few shapes a run has (all tokens, the split layer, the kept-only layers).
+The number of masked positions, which changes every step, only reaches the MLM head, which is
+not compiled, so no step recompiles for it.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+from torch import nn
+
+# Graphs per layer a run can need: {full, split, kept-only} x {train, eval} x {packed, padded}.
+_RECOMPILE_LIMIT = 16
+
+
+def compile_each(layers: Iterable[nn.Module], *, backend: str = "inductor") -> int:
+    """Replace each module's `forward` with its compiled version, in place; returns how many.
+
+    Static shapes (`dynamic=False`): each layout gets kernels specialised to its sizes instead of
+    one symbolic-shape graph for all of them.
+    """
+    import torch._dynamo
+
+    config = torch._dynamo.config
+    config.recompile_limit = max(config.recompile_limit, _RECOMPILE_LIMIT)
+    count = 0
+    for layer in layers:
+        layer.forward = torch.compile(layer.forward, backend=backend, dynamic=False)
+        count += 1
+    return count
+
+
+def sdpa_backend(batch: int, heads: int, seq_length: int, head_dim: int, dtype: torch.dtype,
+                 device: torch.device, dropout_p: float, padded: bool = False) -> str:
+    """The kernel `scaled_dot_product_attention` dispatches to for these shapes:
+    "flash_attention", "efficient_attention", "cudnn_attention" or "math" (lower case)."""
+    from torch.nn.attention import SDPBackend
+
+    q = torch.zeros(batch, heads, seq_length, head_dim, dtype=dtype, device=device)
+    mask = torch.ones(batch, 1, 1, seq_length, dtype=torch.bool, device=device) if padded else None
+    choice = torch._fused_sdp_choice(q, q, q, mask, dropout_p)  # the dispatcher's own rule
+    return SDPBackend(choice).name.lower()
