@@ -211,10 +211,10 @@ def markdown_table(headers: list[str], rows: list[list[Any]]) -> str:
 def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
     """Write via a temporary file in the same folder and rename, so a reader (or a crash) never
     sees half a file."""
+    from sctd_dist.coordination import atomic_write
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(payload, indent=2) + "\n")
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(payload, indent=2) + "\n")
 
 
 def write_json(args, name: str, payload: dict[str, Any]) -> Path | None:

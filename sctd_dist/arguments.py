@@ -1,7 +1,8 @@
 """Command-line flags of `sctd_dist.train`, named as in Megatron-LM and DeepSpeed.
 
-The flags become one typed, validated `TrainConfig`; everything that can be checked before any
-process group exists is checked here, so a bad flag costs seconds, not a queue slot.
+Each flag is one field of `TrainConfig` (or of its `TokenDropConfig`), declared once with its
+default and help text; the parser is generated from those fields (`sctd_dist.flags`). Flag
+values that can be checked alone are checked here, before any process starts working.
 """
 
 from __future__ import annotations
@@ -11,56 +12,59 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
+from sctd_dist.flags import add_flags, flag, from_flags
 from sctd_dist.model.config import PRESETS, TokenDropConfig
 
 DEFAULT_DS_CONFIG = Path(__file__).resolve().parent.parent / "ds_configs" / "cpu_tiny.json"
+
+_DATA, _PARALLEL, _DROP = "model and data", "parallelism", "token dropping"
+_SCHEDULE, _OUTPUT = "schedule", "checkpoints and logs"
 
 
 @dataclass
 class TrainConfig:
     """One training run. Defaults reproduce the paper's ScTD settings on the tiny model."""
 
-    deepspeed_config: Path = DEFAULT_DS_CONFIG
-    model: str = "tiny"
-    model_config: Path | None = None
-    data_path: Path | None = None  # None: build and cache the embedded sample corpus
-    data_cache: Path = Path("data_cache")
-    seq_length: int = 128
-    tensor_model_parallel_size: int = 1
-    sequence_parallel: bool = False
-    token_drop: TokenDropConfig = None  # type: ignore[assignment]
-    train_iters: int = 100
-    lr_decay_iters: int | None = None  # None: --train-iters
-    micro_batch_size: int | None = None
-    global_batch_size: int | None = None
-    eval_interval: int = 50
-    eval_iters: int = 10
-    save: Path | None = None
-    save_interval: int | None = None
-    load: Path | None = None
-    keep_last: int | None = None
-    log_dir: Path | None = None
-    seed: int = 1234
-    activation_checkpointing: bool = False
-    init_hf: Path | None = None
-    lr: float | None = None
-    whole_word_masking: bool = False
-    progress: bool = True
+    deepspeed_config: Path = flag(DEFAULT_DS_CONFIG, "DeepSpeed JSON (ZeRO stage, precision, optimizer, "
+                                  "batch sizes)", name="--deepspeed_config", aliases=("--deepspeed-config",),
+                                  group=_DATA)
+    model: str = flag("tiny", "model preset", choices=sorted(PRESETS), group=_DATA)
+    model_config: Path | None = flag(None, "JSON of transformers.BertConfig fields overriding the preset",
+                                     group=_DATA)
+    init_hf: Path | None = flag(None, "start from a Hugging Face BertForMaskedLM folder", group=_DATA)
+    data_path: Path | None = flag(None, "prepared shards (default: the embedded sample corpus)", group=_DATA)
+    data_cache: Path = flag(Path("data_cache"), "where the sample corpus is built when --data-path is "
+                            "not given", group=_DATA)
+    seq_length: int = flag(128, "tokens per sequence (the prepared data's length)", group=_DATA)
+    whole_word_masking: bool = flag(False, "mask all pieces of a word together", group=_DATA)
+    tensor_model_parallel_size: int = flag(1, "tensor-parallel size", group=_PARALLEL)
+    sequence_parallel: bool = flag(False, "shard activations along the sequence between layers",
+                                   group=_PARALLEL)
+    activation_checkpointing: bool = flag(False, "recompute each layer in backward", group=_PARALLEL)
+    token_drop: TokenDropConfig = flag(default_factory=TokenDropConfig, group=_DROP)
+    train_iters: int = flag(100, "optimizer steps of the run", group=_SCHEDULE)
+    lr_decay_iters: int | None = flag(None, "length of the LR schedule (default: --train-iters); a "
+                                      "multi-phase run gives every phase its final step, so the phases "
+                                      "continue one schedule", group=_SCHEDULE)
+    micro_batch_size: int | None = flag(None, "overrides train_micro_batch_size_per_gpu", group=_SCHEDULE)
+    global_batch_size: int | None = flag(None, "overrides train_batch_size", group=_SCHEDULE)
+    lr: float | None = flag(None, "overrides the optimizer's lr in the DeepSpeed JSON", group=_SCHEDULE)
+    eval_interval: int = flag(50, "evaluate every N optimizer steps (and after the last)", group=_SCHEDULE)
+    eval_iters: int = flag(10, "held-out micro-batches per evaluation (0: no evaluation)", group=_SCHEDULE)
+    seed: int = flag(1234, "seed of the weights, dropout and data order", group=_SCHEDULE)
+    save: Path | None = flag(None, "checkpoint folder", group=_OUTPUT)
+    save_interval: int | None = flag(None, "checkpoint every N optimizer steps (and after the last)",
+                                     group=_OUTPUT)
+    load: Path | None = flag(None, "default: --save (resume from its newest checkpoint)", group=_OUTPUT)
+    keep_last: int | None = flag(None, "keep only the N newest checkpoints", group=_OUTPUT)
+    log_dir: Path | None = flag(None, "metrics.jsonl and TensorBoard events", group=_OUTPUT)
+    progress: bool = flag(True, "no progress bar", name="--no-progress", group=_OUTPUT)
 
     def __post_init__(self) -> None:
-        if self.token_drop is None:
-            self.token_drop = TokenDropConfig()
         self.validate()
 
     def validate(self) -> None:
         """Raise ValueError naming the flag to change."""
-        if not Path(self.deepspeed_config).is_file():
-            raise ValueError(
-                f"--deepspeed_config {self.deepspeed_config} does not exist; pick one of "
-                f"{sorted(p.name for p in DEFAULT_DS_CONFIG.parent.glob('*.json'))} in ds_configs/"
-            )
-        if self.model not in PRESETS:
-            raise ValueError(f"--model must be one of {sorted(PRESETS)}, got {self.model!r}")
         if self.model_config is not None and not Path(self.model_config).is_file():
             raise ValueError(f"--model-config {self.model_config} does not exist")
         if self.data_path is not None and not Path(self.data_path).is_dir():
@@ -98,55 +102,12 @@ class TrainConfig:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The parser of every `TrainConfig` flag."""
     p = argparse.ArgumentParser(
         prog="sctd_dist.train",
         description="BERT pretraining with semantic-consistent token dropping on DeepSpeed.",
     )
-    g = p.add_argument_group("model and data")
-    g.add_argument("--deepspeed_config", "--deepspeed-config", dest="deepspeed_config", type=Path,
-                   default=DEFAULT_DS_CONFIG, help="DeepSpeed JSON (ZeRO stage, precision, optimizer)")
-    g.add_argument("--model", choices=sorted(PRESETS), default="tiny")
-    g.add_argument("--model-config", type=Path, help="JSON of transformers.BertConfig fields overriding the preset")
-    g.add_argument("--init-hf", type=Path, help="start from a Hugging Face BertForMaskedLM folder")
-    g.add_argument("--data-path", type=Path, help="prepared shards (default: the embedded sample corpus)")
-    g.add_argument("--data-cache", type=Path, default=Path("data_cache"),
-                   help="where the sample corpus is built when --data-path is not given")
-    g.add_argument("--seq-length", type=int, default=128)
-    g.add_argument("--whole-word-masking", action="store_true")
-    g = p.add_argument_group("parallelism")
-    g.add_argument("--tensor-model-parallel-size", type=int, default=1)
-    g.add_argument("--sequence-parallel", action="store_true")
-    g.add_argument("--activation-checkpointing", action="store_true")
-    g = p.add_argument_group("token dropping")
-    g.add_argument("--token-drop", choices=["none", "vanilla", "sctd"], default="sctd")
-    g.add_argument("--token-keep-ratio", type=float, default=0.5)
-    g.add_argument("--token-drop-split-layer", type=int, help="default: num_layers/2 - 1")
-    g.add_argument("--sctd-interval", type=int, default=10)
-    g.add_argument("--sctd-weight", type=float, default=0.05,
-                   help="weight w of the consistency term (averaged per masked token like the MLM loss)")
-    g.add_argument("--sctd-mlm-mix", type=float, default=0.0, metavar="ALPHA",
-                   help="on consistency steps the MLM loss is (1-ALPHA)*MLM_drop + ALPHA*MLM_full; "
-                        "0 (default) is the released code's effective objective, 0.5 what it was "
-                        "written to do")
-    g.add_argument("--importance-beta", type=float, default=0.95)
-    g = p.add_argument_group("schedule")
-    g.add_argument("--train-iters", type=int, default=100)
-    g.add_argument("--lr-decay-iters", type=int,
-                   help="length of the LR schedule (default: --train-iters); a multi-phase run gives "
-                        "every phase its final step, so the phases continue one schedule")
-    g.add_argument("--micro-batch-size", type=int, help="overrides train_micro_batch_size_per_gpu")
-    g.add_argument("--global-batch-size", type=int, help="overrides train_batch_size")
-    g.add_argument("--lr", type=float, help="overrides the optimizer's lr in the DeepSpeed JSON")
-    g.add_argument("--eval-interval", type=int, default=50)
-    g.add_argument("--eval-iters", type=int, default=10)
-    g.add_argument("--seed", type=int, default=1234)
-    g = p.add_argument_group("checkpoints and logs")
-    g.add_argument("--save", type=Path)
-    g.add_argument("--save-interval", type=int)
-    g.add_argument("--load", type=Path, help="default: --save (resume from its newest checkpoint)")
-    g.add_argument("--keep-last", type=int, help="keep only the N newest checkpoints")
-    g.add_argument("--log-dir", type=Path)
-    g.add_argument("--no-progress", dest="progress", action="store_false")
+    add_flags(p, TrainConfig)
     # The deepspeed launcher appends --local_rank; torchrun sets LOCAL_RANK instead.
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     return p
@@ -155,26 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_args(argv: Sequence[str] | None = None) -> TrainConfig:
     """Parse and validate; errors exit with the message (argparse style)."""
     parser = build_parser()
-    a = parser.parse_args(argv)
     try:
-        drop = TokenDropConfig(
-            mode=a.token_drop, keep_ratio=a.token_keep_ratio, split_layer=a.token_drop_split_layer,
-            sctd_interval=a.sctd_interval, sctd_weight=a.sctd_weight,
-            mlm_mix=a.sctd_mlm_mix, importance_beta=a.importance_beta,
-        )
-        return TrainConfig(
-            deepspeed_config=a.deepspeed_config, model=a.model, model_config=a.model_config,
-            data_path=a.data_path, data_cache=a.data_cache, seq_length=a.seq_length,
-            tensor_model_parallel_size=a.tensor_model_parallel_size,
-            sequence_parallel=a.sequence_parallel, token_drop=drop, train_iters=a.train_iters,
-            lr_decay_iters=a.lr_decay_iters,
-            micro_batch_size=a.micro_batch_size, global_batch_size=a.global_batch_size,
-            eval_interval=a.eval_interval, eval_iters=a.eval_iters, save=a.save,
-            save_interval=a.save_interval, load=a.load, keep_last=a.keep_last, log_dir=a.log_dir,
-            seed=a.seed,
-            activation_checkpointing=a.activation_checkpointing, init_hf=a.init_hf, lr=a.lr,
-            whole_word_masking=a.whole_word_masking, progress=a.progress,
-        )
+        return from_flags(TrainConfig, parser.parse_args(argv))
     except ValueError as exc:
         parser.error(str(exc))
         raise  # unreachable: parser.error exits

@@ -1,67 +1,90 @@
 """ZeRO checkpoints that a kill at any moment cannot corrupt, and exact resumption.
 
-DeepSpeed writes the model, optimizer and ZeRO shards. We add, per checkpoint folder:
-`sctd_run.json` (what was trained: shapes, layout, data position) and one `rng_rank{R}.pt` per
-rank. The `latest` pointer is ours: it is written atomically by rank 0 only after every rank has
-finished writing (DeepSpeed's own pointer can move before the other ranks' shards are on disk).
+One `Checkpointer` per run owns the three questions:
+
+* when to save (`SavePolicy`): every --save-interval steps, after the last step, and at the step
+  boundary after a stop signal;
+* what to save: the DeepSpeed engine (model, optimizer and ZeRO shards, LR schedule) and the
+  run's other stateful objects, each with `state_dict()` / `load_state_dict()`: the importance
+  table and the data position are the same on every rank (rank 0 writes them once, to
+  `sctd_state.pt`), the RNG streams differ per rank (`rng_rank{R}.pt`);
+* how to resume (`ResumePlan`): the newest complete checkpoint, checked against this run, and
+  converted once to DeepSpeed's universal format when the data-parallel size changed.
+
+A checkpoint is written in one place (`Checkpointer._write`) and read in one place
+(`plan_resume` decides, `Checkpointer._read` loads). Beside DeepSpeed's files a folder holds
+`sctd_run.json` (what was trained: shapes, layout, step). The `latest` pointer is ours: rank 0
+moves it atomically only after every rank has finished writing (DeepSpeed's own pointer can move
+before the other ranks' shards are on disk).
 """
 
 from __future__ import annotations
 
 import json
-import os
 import random
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
+from sctd_dist.coordination import atomic_write, barrier, is_rank0, rank, rank0_first
 from sctd_dist.parallel.random import SHARDED_RNG
 
 LATEST = "latest"
 RUN_FILE = "sctd_run.json"
-# Replicated training state that is not a parameter (the token-importance table). DeepSpeed saves
-# module buffers too, but its universal-checkpoint path does not load them back.
+# Replicated training state that is not a parameter (the token-importance table, the data
+# position). DeepSpeed saves module buffers too, but its universal-checkpoint path does not load
+# them back.
 STATE_FILE = "sctd_state.pt"
 # Fields that fix parameter shapes: a checkpoint only loads into the same values.
 SHAPE_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
                 "intermediate_size", "max_position_embeddings", "type_vocab_size")
 
 
-def _rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
+class Stateful(Protocol):
+    """What the checkpointer saves besides the engine. `per_rank = True` on the class: every
+    rank's state is its own (one file per rank); otherwise it is identical on every rank."""
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
-def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
+class RNGStreams:
+    """Every random stream this rank draws from (Python, NumPy, torch, CUDA, the TP-sharded one)."""
+
+    per_rank = True
+
+    def state_dict(self) -> dict[str, Any]:
+        state = {"python": random.getstate(), "numpy": np.random.get_state(),
+                 "torch": torch.get_rng_state(), "sharded": SHARDED_RNG.get_states()}
+        if torch.cuda.is_available():
+            state["cuda"] = torch.cuda.get_rng_state()
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        random.setstate(state["python"])
+        np.random.set_state(state["numpy"])
+        torch.set_rng_state(state["torch"])
+        SHARDED_RNG.set_states(state["sharded"])
+        if "cuda" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state(state["cuda"])
+
+
+def _per_rank(obj: Stateful) -> bool:
+    return bool(getattr(obj, "per_rank", False))
 
 
 def tag_for(step: int) -> str:
+    """The folder name of the checkpoint taken after `step` optimizer steps."""
     return f"global_step{step}"
 
 
 def _step_of(tag: str) -> int:
     return int(tag.removeprefix("global_step")) if tag.startswith("global_step") else -1
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write-then-rename, with fsyncs: the file is either the old or the new content."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 def latest_tag(load_dir: Path | None) -> str | None:
@@ -77,47 +100,9 @@ def latest_tag(load_dir: Path | None) -> str | None:
     return tag
 
 
-def rng_state() -> dict[str, Any]:
-    """Every RNG this rank draws from."""
-    state = {"python": random.getstate(), "numpy": np.random.get_state(),
-             "torch": torch.get_rng_state(), "sharded": SHARDED_RNG.get_states()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    SHARDED_RNG.set_states(state["sharded"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
-
-
-def save(engine, save_dir: Path, step: int, run: dict[str, Any], state: dict[str, Any],
-         keep_last: int | None = None) -> Path:
-    """Save a complete checkpoint of optimizer step `step`; move `latest` only once it is whole.
-
-    `state`: replicated non-parameter state (identical on every rank; rank 0 writes it)."""
-    save_dir = Path(save_dir)
-    tag = tag_for(step)
-    folder = save_dir / tag
-    if _rank() == 0:
-        save_dir.mkdir(parents=True, exist_ok=True)
-    _barrier()
-    engine.save_checkpoint(str(save_dir), tag=tag, client_state={"sctd_run": run}, save_latest=False)
-    torch.save(rng_state(), folder / f"rng_rank{_rank()}.pt")
-    if _rank() == 0:
-        torch.save(state, folder / STATE_FILE)
-    _barrier()  # every rank's files are on disk
-    if _rank() == 0:
-        atomic_write_text(folder / RUN_FILE, json.dumps(run, indent=2, sort_keys=True))
-        atomic_write_text(save_dir / LATEST, tag)
-        if keep_last:
-            prune(save_dir, keep_last)
-    _barrier()
-    return folder
+def read_run(load_dir: Path, tag: str) -> dict[str, Any]:
+    """The run record (`sctd_run.json`) of checkpoint `tag`."""
+    return json.loads((Path(load_dir) / tag / RUN_FILE).read_text())
 
 
 def prune(save_dir: Path, keep_last: int) -> list[Path]:
@@ -145,10 +130,6 @@ def check_compatible(saved: dict[str, Any], current: dict[str, Any]) -> None:
     if diffs:
         raise ValueError("checkpoint does not fit this run (" + "; ".join(diffs) + "); restart with "
                          "the checkpoint's values or point --load/--save at a new folder")
-
-
-def read_run(load_dir: Path, tag: str) -> dict[str, Any]:
-    return json.loads((Path(load_dir) / tag / RUN_FILE).read_text())
 
 
 @dataclass(frozen=True)
@@ -184,7 +165,10 @@ def to_universal(load_dir: Path, tag: str) -> str:
 
     target = f"{tag}_universal"
     done = load_dir / target / ".complete"
-    if _rank() == 0 and not done.is_file():
+
+    def convert() -> None:
+        if done.is_file():
+            return
         shutil.rmtree(load_dir / target, ignore_errors=True)
         proc = subprocess.run(
             [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
@@ -193,22 +177,103 @@ def to_universal(load_dir: Path, tag: str) -> str:
         if proc.returncode != 0:
             raise RuntimeError(f"converting {tag} to a universal checkpoint failed:\n{proc.stderr[-3000:]}")
         done.write_text("ok")
-    _barrier()
+
+    rank0_first(convert)  # the other ranks find it converted
     return target
 
 
-def load(engine, load_dir: Path, plan: ResumePlan) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Load the planned checkpoint into `engine`; restore this rank's RNG when the layout is
-    unchanged (otherwise the seeds of the new layout stay).
+@dataclass(frozen=True)
+class SavePolicy:
+    """When a run saves: every `interval` steps, after `last_step`, and when told to stop."""
 
-    Returns (the saved run record, the replicated state given to `save`)."""
-    path, _ = engine.load_checkpoint(str(load_dir), tag=plan.tag, load_module_strict=True,
-                                     load_optimizer_states=True, load_lr_scheduler_states=True)
-    if path is None:
-        raise RuntimeError(f"DeepSpeed could not load checkpoint {plan.tag} from {load_dir}")
-    source = Path(load_dir) / plan.source_tag
-    rng_file = source / f"rng_rank{_rank()}.pt"
-    if not plan.universal and rng_file.is_file():
-        set_rng_state(torch.load(rng_file, weights_only=False))
-    state = torch.load(source / STATE_FILE, map_location="cpu", weights_only=False)
-    return plan.saved, state
+    save_dir: Path | None  # None: never
+    interval: int | None
+    last_step: int
+    keep_last: int | None = None  # prune to this many checkpoints after each save
+
+    def due(self, step: int, stop: bool) -> bool:
+        """Save after optimizer step number `step` (counted from 1)?"""
+        if self.save_dir is None:
+            return False
+        return stop or step == self.last_step or bool(self.interval) and step % self.interval == 0
+
+
+class Checkpointer:
+    """Saves and resumes one run (see the module docstring).
+
+    Made before the engine: it plans the resume at once, because a universal load is a setting
+    of the DeepSpeed config (`deepspeed_config`). `start(engine)` then loads the plan; the
+    training loop calls `after_step` once per optimizer step.
+    """
+
+    def __init__(self, policy: SavePolicy, load_dir: Path | None, record: dict[str, Any],
+                 states: dict[str, Stateful]) -> None:
+        self.policy = policy
+        self.load_dir = None if load_dir is None else Path(load_dir)
+        self.record = record  # what this run is, compared on resume and written with each save
+        self.states = states
+        self.engine: Any = None
+        self.plan = plan_resume(self.load_dir, record)
+
+    def deepspeed_config(self, ds: dict[str, Any]) -> dict[str, Any]:
+        """`ds`, set to load the planned checkpoint."""
+        if self.plan is None or not self.plan.universal:
+            return ds
+        return {**ds, "checkpoint": {"load_universal": True}}
+
+    def start(self, engine: Any) -> int:
+        """Take charge of `engine`; load the planned checkpoint into it and into the stateful
+        objects. Returns the number of optimizer steps already done (0 for a new run)."""
+        self.engine = engine
+        return 0 if self.plan is None else self._read(self.plan)
+
+    def after_step(self, step: int, stop: bool) -> Path | None:
+        """Called by every rank after optimizer step number `step` (counted from 1); `stop`: the
+        run ends here (a signal). Returns the checkpoint folder when one was saved."""
+        return self._write(step) if self.policy.due(step, stop) else None
+
+    def _write(self, step: int) -> Path:
+        """Save a complete checkpoint of step `step`; move `latest` only once it is whole."""
+        save_dir = Path(self.policy.save_dir)
+        tag = tag_for(step)
+        folder = save_dir / tag
+        record = {**self.record, "step": step}
+        rank0_first(lambda: save_dir.mkdir(parents=True, exist_ok=True))
+        self.engine.save_checkpoint(str(save_dir), tag=tag, client_state={"sctd_run": record},
+                                    save_latest=False)
+        for name, obj in self.states.items():
+            if _per_rank(obj):
+                torch.save(obj.state_dict(), folder / f"{name}_rank{rank()}.pt")
+        if is_rank0():
+            torch.save({name: obj.state_dict() for name, obj in self.states.items() if not _per_rank(obj)},
+                       folder / STATE_FILE)
+        barrier()  # every rank's files are on disk
+        if is_rank0():
+            atomic_write(folder / RUN_FILE, json.dumps(record, indent=2, sort_keys=True))
+            atomic_write(save_dir / LATEST, tag)
+            if self.policy.keep_last:
+                prune(save_dir, self.policy.keep_last)
+        barrier()
+        return folder
+
+    def _read(self, plan: ResumePlan) -> int:
+        """Load `plan` into the engine and the stateful objects; returns its step. Per-rank
+        states are restored only where the layout is unchanged (otherwise the new layout's own
+        seeds stay)."""
+        path, _ = self.engine.load_checkpoint(str(self.load_dir), tag=plan.tag, load_module_strict=True,
+                                              load_optimizer_states=True, load_lr_scheduler_states=True)
+        if path is None:
+            raise RuntimeError(f"DeepSpeed could not load checkpoint {plan.tag} from {self.load_dir}")
+        source = self.load_dir / plan.source_tag
+        replicated = torch.load(source / STATE_FILE, map_location="cpu", weights_only=False)
+        missing = sorted(n for n, obj in self.states.items() if not _per_rank(obj) and n not in replicated)
+        if missing:
+            raise RuntimeError(f"{source / STATE_FILE} holds no {missing} state: the checkpoint was "
+                               "written by an older sctd-dist, which kept the data position elsewhere")
+        for name, obj in self.states.items():
+            own = source / f"{name}_rank{rank()}.pt"
+            if not _per_rank(obj):
+                obj.load_state_dict(replicated[name])
+            elif not plan.universal and own.is_file():
+                obj.load_state_dict(torch.load(own, weights_only=False))
+        return int(plan.saved["step"])

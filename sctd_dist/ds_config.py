@@ -21,7 +21,7 @@ import copy
 import inspect
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -145,6 +145,13 @@ def _positive_int(value: Any, name: str) -> int | None:
     return value
 
 
+def _quotient(total: int, part: int, message: Callable[[], str]) -> int:
+    """total // part; ValueError(message()) unless `part` divides `total`."""
+    if total % part:
+        raise ValueError(message())
+    return total // part
+
+
 def resolve_batch_sizes(
     cfg: dict[str, Any],
     dp_size: int,
@@ -170,12 +177,10 @@ def resolve_batch_sizes(
     overridden = micro_batch is not None or global_batch is not None
 
     if micro is not None and total is not None:
-        if total % (micro * dp_size):
-            raise ValueError(
-                f"global batch {total} is not a multiple of micro batch {micro} x data-parallel size "
-                f"{dp_size} = {micro * dp_size}; choose a global batch that is (e.g. "
-                f"{max(1, round(total / (micro * dp_size))) * micro * dp_size}) or another micro batch")
-        derived = total // (micro * dp_size)
+        derived = _quotient(total, micro * dp_size, lambda: (
+            f"global batch {total} is not a multiple of micro batch {micro} x data-parallel size "
+            f"{dp_size} = {micro * dp_size}; choose a global batch that is (e.g. "
+            f"{max(1, round(total / (micro * dp_size))) * micro * dp_size}) or another micro batch"))
         if accum is not None and not overridden and accum != derived:
             raise ValueError(
                 f"train_batch_size {total} != train_micro_batch_size_per_gpu {micro} x "
@@ -185,12 +190,10 @@ def resolve_batch_sizes(
         accum = derived
     elif total is not None:  # micro batch derived
         accum = accum or 1
-        if total % (accum * dp_size):
-            raise ValueError(
-                f"train_batch_size {total} is not a multiple of gradient_accumulation_steps {accum} x "
-                f"data-parallel size {dp_size} = {accum * dp_size}; set train_micro_batch_size_per_gpu "
-                f"or --micro-batch-size")
-        micro = total // (accum * dp_size)
+        micro = _quotient(total, accum * dp_size, lambda: (
+            f"train_batch_size {total} is not a multiple of gradient_accumulation_steps {accum} x "
+            f"data-parallel size {dp_size} = {accum * dp_size}; set train_micro_batch_size_per_gpu "
+            f"or --micro-batch-size"))
     elif micro is not None:  # global batch derived
         accum = accum or 1
         total = micro * accum * dp_size

@@ -58,6 +58,16 @@ def step_flops_per_sequence(cfg: BertModelConfig, drop: TokenDropConfig, seq: in
     return flops
 
 
+def step_flops(cfg: BertModelConfig, drop: TokenDropConfig, seq: int, masked: float, sequences: int,
+               step: int) -> float:
+    """Training FLOPs of optimizer step `step` (0-based) over `sequences` sequences of `seq`
+    tokens with `masked` predicted positions each, keeping as many tokens as the router does."""
+    from sctd_dist.model.router import num_kept
+
+    kept = num_kept(seq, drop.keep_ratio) if drop.enabled else None
+    return sequences * step_flops_per_sequence(cfg, drop, seq, masked, step, kept)
+
+
 def peak_tflops(device_name: str) -> float | None:
     """The dense bf16 peak of a known GPU, matched by name; None when unknown (e.g. CPUs)."""
     for key, value in PEAK_TFLOPS.items():

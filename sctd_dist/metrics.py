@@ -1,5 +1,8 @@
 """What a run shows and records: a rank-0 progress bar, `metrics.jsonl`, TensorBoard events and
-a final summary. One JSON object per optimizer step, eval records and lifecycle events."""
+a final summary. One JSON object per optimizer step, eval records and lifecycle events.
+
+The logger is given numbers (the step's metrics, its time and model FLOPs); `step_means` and
+`engine_stats` make the numbers of a step from the model's outputs and the DeepSpeed engine."""
 
 from __future__ import annotations
 
@@ -11,9 +14,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from sctd_dist.flops import peak_tflops, step_flops_per_sequence
-from sctd_dist.model.config import BertModelConfig
-from sctd_dist.model.router import num_kept
+from sctd_dist.coordination import is_rank0
+from sctd_dist.flops import peak_tflops
 from sctd_dist.parallel.state import ParallelContext
 
 
@@ -69,20 +71,54 @@ def model_state_bytes(engine) -> int:
     return int(params + master + states)
 
 
-class MetricsLogger:
-    """Rank 0 writes; every rank takes part in the DP average of the step's numbers."""
+def step_means(sums: dict[str, torch.Tensor], micro_batches: int, ctx: ParallelContext) -> dict[str, float]:
+    """The step's metrics from per-micro-batch sums: averaged over the micro-batches, then over
+    the data-parallel ranks (every rank gets the same numbers; one host sync per step)."""
+    if not sums:
+        return {}
+    keys = sorted(sums)
+    t = torch.stack([sums[k] / micro_batches for k in keys]).to(torch.float64)
+    if ctx.dp_size > 1:
+        dist.all_reduce(t, group=ctx.dp_group)
+        t /= ctx.dp_size
+    return dict(zip(keys, t.tolist()))
 
-    def __init__(self, log_dir: Path | None, ctx: ParallelContext, model_cfg: BertModelConfig,
-                 cfg: Any, ds: dict[str, Any], total_steps: int, start_step: int,
+
+def engine_stats(engine, with_model_state: bool = False) -> dict[str, Any]:
+    """The optimizer's numbers after a step: learning rate, gradient norm, fp16 loss scale,
+    skipped steps; with `with_model_state` also this rank's model-state bytes (the optimizer
+    state exists after the first step)."""
+    stats: dict[str, Any] = {
+        "lr": float(engine.get_lr()[0]) if engine.get_lr() else None,
+        "grad_norm": _float(engine.get_global_grad_norm()),
+        "loss_scale": _float(getattr(engine.optimizer, "cur_scale", None)
+                             or getattr(getattr(engine.optimizer, "loss_scaler", None), "cur_scale", None)),
+        "skipped": int(getattr(engine, "skipped_steps", 0)),
+    }
+    if with_model_state:
+        stats["model_state_bytes"] = model_state_bytes(engine)
+    return stats
+
+
+class MetricsLogger:
+    """Rank 0 writes `metrics.jsonl`, TensorBoard events and the progress bar; it is given numbers.
+
+    Step numbering, the same in every record: `step` is the number of optimizer updates the
+    weights had when the record's numbers were taken. A training record's `step` is the step's
+    0-based index (its loss is computed on the weights after `step` updates); an evaluation, a
+    checkpoint (`global_step{step}`), `preempted`, `resume` and `start` carry the number of
+    updates done so far, so an evaluation at step 50 follows the training record of step 49.
+    """
+
+    def __init__(self, log_dir: Path | None, device: torch.device, *, world_size: int,
+                 tokens_per_step: int, micro_batches: int, total_steps: int, start_step: int,
                  progress: bool = True) -> None:
-        self.ctx = ctx
-        self.rank0 = not dist.is_initialized() or dist.get_rank() == 0
-        self.model_cfg = model_cfg
-        self.drop = cfg.token_drop
-        self.seq = cfg.seq_length
-        self.global_batch = ds["train_batch_size"]
-        self.keep_ratio = cfg.token_drop.keep_ratio
-        self.peak = peak_tflops(device_name(ctx.device))
+        self.rank0 = is_rank0()
+        self.device = device
+        self.world_size = world_size
+        self.tokens_per_step = tokens_per_step
+        self.micro_batches = micro_batches
+        self.peak = peak_tflops(device_name(device))
         self.started = time.time()
         self.tokens = 0
         self.train_time = 0.0
@@ -116,54 +152,35 @@ class MetricsLogger:
         if self.rank0:
             self._write({"event": kind, "time": time.time(), **fields})
 
-    def _dp_mean(self, values: dict[str, float]) -> dict[str, float]:
-        if self.ctx.dp_size == 1 or not values:
-            return values
-        keys = sorted(values)
-        t = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=self.ctx.device)
-        dist.all_reduce(t, group=self.ctx.dp_group)
-        return dict(zip(keys, (t / self.ctx.dp_size).tolist()))
-
-    def step(self, step: int, consumed: int, values: dict[str, float], engine, seconds: float,
-             micro_batches: int) -> None:
-        """Record optimizer step `step` (0-based) that took `seconds`."""
-        values = self._dp_mean(values)
-        tokens = self.global_batch * self.seq
-        self.tokens += tokens
+    def step(self, step: int, consumed: int, values: dict[str, Any], seconds: float, flops: float) -> None:
+        """Record optimizer step `step` (0-based) that took `seconds` and `flops` model FLOPs (all
+        ranks together); `consumed`: samples consumed after it; `values`: the step's numbers."""
+        self.tokens += self.tokens_per_step
         self.train_time += seconds
-        kept = num_kept(self.seq, self.keep_ratio) if self.drop.enabled else None
-        masked = 0.15 * self.seq
-        flops = step_flops_per_sequence(self.model_cfg, self.drop, self.seq, masked, step, kept)
-        tflops = flops * self.global_batch / seconds / self.ctx.world_size / 1e12
+        tflops = flops / seconds / self.world_size / 1e12
         record: dict[str, Any] = {
             "step": step, "consumed_samples": consumed, **values,
-            "lr": float(engine.get_lr()[0]) if engine.get_lr() else None,
-            "grad_norm": _float(engine.get_global_grad_norm()),
-            "loss_scale": _float(getattr(engine.optimizer, "cur_scale", None)
-                                 or getattr(getattr(engine.optimizer, "loss_scaler", None), "cur_scale", None)),
-            "skipped": int(getattr(engine, "skipped_steps", 0)),
-            "step_time_s": seconds, "tokens_per_s": tokens / seconds,
-            "tflops_per_device": tflops, "micro_batches": micro_batches,
-            "memory_peak_bytes": peak_memory_bytes(self.ctx.device),
+            "step_time_s": seconds, "tokens_per_s": self.tokens_per_step / seconds,
+            "tflops_per_device": tflops, "micro_batches": self.micro_batches,
+            "memory_peak_bytes": peak_memory_bytes(self.device),
         }
         if self.peak:
             record["mfu"] = tflops / self.peak
-        if not self.last:  # once the optimizer state exists (after this process's first step)
-            record["model_state_bytes"] = model_state_bytes(engine)
         self.last = record
         if not self.rank0:
             return
         self._write(record)
         if self._tb is not None:
             for k, v in record.items():
-                if isinstance(v, (int, float)) and v is not None and k != "step":
+                if isinstance(v, (int, float)) and k != "step":
                     self._tb.add_scalar(f"train/{k}", v, step)
         if self._bar is not None:
             self._bar.set_postfix(loss=f"{values.get('loss', float('nan')):.3f}",
-                                  tok_s=f"{tokens / seconds:,.0f}", refresh=False)
+                                  tok_s=f"{self.tokens_per_step / seconds:,.0f}", refresh=False)
             self._bar.update(1)
 
     def eval(self, step: int, values: dict[str, float]) -> None:
+        """Record an evaluation of the weights after `step` updates."""
         self.last_eval = values
         if not self.rank0:
             return
@@ -178,13 +195,13 @@ class MetricsLogger:
     def finish(self, step: int, consumed: int, preempted: bool) -> dict[str, Any]:
         """Close the outputs; return (and record) the run summary."""
         summary = {
-            "rank0": self.rank0, "steps": step, "consumed_samples": consumed, "preempted": preempted,
+            "steps": step, "consumed_samples": consumed, "preempted": preempted,
             "final_loss": self.last.get("loss"), **self.last_eval,
             "mean_tokens_per_s": self.tokens / self.train_time if self.train_time else None,
             "wall_time_s": time.time() - self.started,
         }
         if self.rank0:
-            self._write({"event": "summary", **{k: v for k, v in summary.items() if k != "rank0"}})
+            self._write({"event": "summary", **summary})
             if self._bar is not None:
                 self._bar.close()
             if self._tb is not None:

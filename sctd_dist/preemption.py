@@ -11,6 +11,8 @@ import signal
 import torch
 import torch.distributed as dist
 
+from sctd_dist.coordination import world_size
+
 _requested = {"signal": None}
 
 
@@ -31,6 +33,6 @@ def requested_locally() -> bool:
 def stop_requested(device: torch.device) -> bool:
     """True on every rank when any rank received a stop signal."""
     flag = torch.tensor([1.0 if requested_locally() else 0.0], device=device)
-    if dist.is_initialized() and dist.get_world_size() > 1:
+    if world_size() > 1:
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
     return bool(flag.item())

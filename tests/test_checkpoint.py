@@ -7,6 +7,7 @@ import json
 import pytest
 
 from sctd_dist import checkpoint
+from sctd_dist.coordination import atomic_write
 
 
 def _fake_checkpoint(root, step, complete=True):
@@ -32,8 +33,8 @@ def test_pointer_to_incomplete_checkpoint_is_refused(tmp_path):
 
 def test_atomic_write_replaces_whole_file(tmp_path):
     path = tmp_path / "latest"
-    checkpoint.atomic_write_text(path, "global_step1")
-    checkpoint.atomic_write_text(path, "global_step2")
+    atomic_write(path, "global_step1")
+    atomic_write(path, "global_step2")
     assert path.read_text() == "global_step2"
     assert [p.name for p in tmp_path.iterdir()] == ["latest"]  # no temporary file left
 

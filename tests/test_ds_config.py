@@ -357,10 +357,10 @@ def _train_one(rank: int, ctx, name: str, micro: int, global_batch: int) -> dict
     """Three optimizer steps of the tiny ScTD model under ds_configs/`name`, as train.py does it."""
     import deepspeed
 
-    from sctd_dist.data.tokenizer import SpecialTokenIds
     from sctd_dist.model.config import BertModelConfig, TokenDropConfig
     from sctd_dist.model.pretraining import PretrainingModel
     from sctd_dist.parallel import MegatronMPU
+    from sctd_dist.special_tokens import SpecialTokenIds
 
     ds = load_ds_config(CONFIG_DIR / name)
     check_device_support(ds, ctx.device.type)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from tests.distributed import run_ranks
-from tests.model.common import VOCAB, hf_reference_state, make_batch, small_config
+from tests.model.common import VOCAB, captured_logits, hf_reference_state, make_batch, small_config
 
 CFG = small_config(num_attention_heads=2)
 STATE = hf_reference_state(CFG, seed=3)
@@ -23,10 +23,10 @@ def import_and_export(rank: int, world: int, cfg, state, batch):
     ctx = initialize(world)
     model = BertForMaskedLM(cfg, ctx).eval()
     load_hf_state_dict(model, state)
-    with torch.no_grad():
-        out = model(**batch, return_logits=True)
-    parts = [torch.empty_like(out.logits) for _ in range(world)]
-    dist.all_gather(parts, out.logits, group=ctx.tp_group)
+    with torch.no_grad(), captured_logits(model) as seen:
+        out = model(**batch)
+    parts = [torch.empty_like(seen[0]) for _ in range(world)]
+    dist.all_gather(parts, seen[0], group=ctx.tp_group)
     return {"logits": torch.cat(parts, dim=1)[:, :VOCAB], "loss": out.loss,
             "exported": gather_hf_state_dict(model)}
 

@@ -28,7 +28,7 @@ _EXPORTS = {
     "load_tokenizer": "dataset",
     "check_compatible": "dataset",
     "read_metadata": "dataset",
-    "SpecialTokenIds": "tokenizer",
+    "SpecialTokenIds": "tokenizer",  # defined in sctd_dist.special_tokens (shared with the model)
     "special_token_ids": "tokenizer",
     "tokenizer_fingerprint": "tokenizer",
     "MaskingConfig": "masking",

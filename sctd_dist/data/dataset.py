@@ -8,7 +8,9 @@ from typing import Any
 
 import numpy as np
 
-from .tokenizer import SpecialTokenIds, check_vocab_loaded, special_token_ids, tokenizer_fingerprint
+from sctd_dist.special_tokens import SpecialTokenIds
+
+from .tokenizer import check_vocab_loaded, special_token_ids, tokenizer_fingerprint
 
 FORMAT = "sctd-dist-packed"
 FORMAT_VERSION = 1

@@ -2,11 +2,10 @@
 
 `PretrainingDataLoader` is its own iterator: each `next()` returns the micro-batches of this
 data-parallel rank for one optimizer step and advances `consumed_samples` by the global batch.
-Its whole state is `consumed_samples` (the epoch follows from it), so a checkpoint stores
-`state_dict()` and a restart calls `load_state_dict()` -- no replay of earlier batches.
-
-With `prefetch_steps=k` a background thread prepares the next k steps while the model trains
-(safe because a step's batches are a pure function of its position; the state is unaffected).
+It is the run's one record of the data position: its state is `consumed_samples` (the epoch
+follows from it), a checkpoint stores `state_dict()` and a restart calls `load_state_dict()` --
+no replay of earlier batches. No background prefetch: loading and masking a step costs well
+under 1% of a training step (benchmarks/results/data_pipeline.json).
 
 Every micro-batch is a dict of int64 torch tensors of shape [micro, seq_length]:
 `input_ids` (masked), `attention_mask` (1 real token, 0 [PAD]), `token_type_ids` (zeros, no
@@ -16,7 +15,7 @@ NSP) and `labels` (the original id where a token is predicted, -100 elsewhere).
 from __future__ import annotations
 
 import warnings
-from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -85,10 +84,7 @@ class PretrainingDataLoader:
         consumed_samples: int = 0,
         masking: MaskingConfig = MaskingConfig(),
         drop_last: bool = True,
-        prefetch_steps: int = 0,
     ):
-        if prefetch_steps < 0:
-            raise ValueError(f"prefetch_steps must be >= 0, got {prefetch_steps}")
         self.grad_accum = check_batch_sizes(global_batch_size, micro_batch_size, dp_size)
         if not 0 <= dp_rank < dp_size:
             raise ValueError(f"dp_rank must be in [0, {dp_size}), got {dp_rank}")
@@ -104,9 +100,6 @@ class PretrainingDataLoader:
         self.stream = SampleStream(len(dataset), global_batch_size, seed, drop_last=drop_last)
         self._mask = _Masker(dataset, seed, masking)
         self.consumed_samples = int(consumed_samples)
-        self.prefetch_steps = prefetch_steps
-        self._executor: ThreadPoolExecutor | None = None
-        self._pending: dict[int, Future] = {}
 
     @property
     def epoch(self) -> int:
@@ -138,53 +131,30 @@ class PretrainingDataLoader:
         return self
 
     def __next__(self) -> list[dict[str, Any]]:
-        future = self._pending.pop(self.consumed_samples, None)
-        batches = future.result() if future is not None else self.batches_for_step(self.consumed_samples)
+        batches = self.batches_for_step(self.consumed_samples)
         self.consumed_samples += self.global_batch_size
-        if self.prefetch_steps:
-            self._schedule()
         return batches
-
-    def _schedule(self) -> None:
-        """Start computing the next `prefetch_steps` steps in the background thread."""
-        if self._executor is None:
-            self._executor = ThreadPoolExecutor(1, thread_name_prefix="sctd-data-prefetch")
-        wanted = [self.consumed_samples + k * self.global_batch_size for k in range(self.prefetch_steps)]
-        for stale in [c for c in self._pending if c not in wanted]:
-            self._pending.pop(stale).cancel()
-        for c in wanted:
-            if c not in self._pending:
-                self._pending[c] = self._executor.submit(self.batches_for_step, c)
-
-    def close(self) -> None:
-        """Stop the prefetch thread (also done at garbage collection)."""
-        for future in self._pending.values():
-            future.cancel()
-        self._pending.clear()
-        if self._executor is not None:
-            self._executor.shutdown(wait=True)
-            self._executor = None
-
-    def __del__(self) -> None:
-        try:
-            self.close()
-        except Exception:  # interpreter shutdown: nothing left to clean
-            pass
 
     def state_dict(self) -> dict[str, Any]:
         """What a checkpoint needs to resume at exactly the next sample."""
         return {"consumed_samples": self.consumed_samples, "epoch": self.epoch, "seed": self.seed,
                 "global_batch_size": self.global_batch_size, "num_samples": len(self.dataset),
-                "drop_last": self.drop_last}
+                "drop_last": self.drop_last, "data_path": _folder(self.dataset)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Resume from `state_dict()` output; the DP size and micro batch may differ, the data not."""
-        if "num_samples" in state and state["num_samples"] != len(self.dataset):
-            raise ValueError(f"the checkpoint was trained on {state['num_samples']} rows, this dataset has "
-                             f"{len(self.dataset)}: resume with the same --data-path")
-        if "seed" in state and state["seed"] != self.seed:
-            raise ValueError(f"the checkpoint's data seed is {state['seed']}, this loader's {self.seed}: "
-                             f"resume with --seed {state['seed']}")
+        """Resume from `state_dict()` output; the DP size and micro batch may differ.
+
+        From the same data folder the stream must be the same (rows and seed are checked). A
+        state from another folder (a new training phase on other data) only sets the position:
+        the new stream continues after the samples consumed so far."""
+        if state.get("data_path", _folder(self.dataset)) == _folder(self.dataset):
+            if "num_samples" in state and state["num_samples"] != len(self.dataset):
+                raise ValueError(f"the checkpoint was trained on {state['num_samples']} rows of "
+                                 f"{self.dataset.data_dir}, which now holds {len(self.dataset)}: restore "
+                                 "that data, or resume with the same --data-path as before")
+            if "seed" in state and state["seed"] != self.seed:
+                raise ValueError(f"the checkpoint's data seed is {state['seed']}, this loader's "
+                                 f"{self.seed}: resume with --seed {state['seed']}")
         if state.get("global_batch_size", self.global_batch_size) != self.global_batch_size:
             warnings.warn(f"global batch size changed from {state['global_batch_size']} to "
                           f"{self.global_batch_size}: the sample stream continues at the same position, "
@@ -193,9 +163,10 @@ class PretrainingDataLoader:
         if consumed < 0:
             raise ValueError(f"consumed_samples must be >= 0, got {consumed}")
         self.consumed_samples = consumed
-        for future in self._pending.values():  # prefetched steps belong to the old position
-            future.cancel()
-        self._pending.clear()
+
+
+def _folder(dataset: PackedDataset) -> str:
+    return str(Path(dataset.data_dir).resolve())
 
 
 class ValidationDataLoader:

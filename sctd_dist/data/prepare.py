@@ -38,6 +38,8 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from sctd_dist.coordination import atomic_write
+
 from .dataset import FORMAT, FORMAT_VERSION, METADATA_FILE, TOKENIZER_DIR, read_metadata
 from .packing import MIN_SEQ_LENGTH, SequencePacker, is_validation_document, token_dtype
 from .tokenizer import (
@@ -132,13 +134,6 @@ def _marker_path(out: Path, index: int) -> Path:
     return out / f"shard-{index:05d}.json"
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
-
-
 def _iter_texts(dataset: Any, start: int, stop: int, batch: int = _ENCODE_BATCH) -> Iterator[list[str]]:
     part = dataset.select(range(start, stop)).with_format("arrow")
     for table in part.iter(batch_size=batch):
@@ -165,12 +160,12 @@ def _run_shard(task: ShardTask) -> dict:
               "task": asdict(task)}
     for split, name in _shard_files(task.index).items():
         rows = packers[split].finish()
-        _write_atomic(out / name, rows.tobytes())
+        atomic_write(out / name, rows.tobytes())
         record[split] = {"file": name, "num_sequences": int(rows.shape[0]),
                          "num_tokens": int(packers[split].num_tokens),
                          "num_documents": int(packers[split].num_documents),
                          "num_padding": int(packers[split].num_padding)}
-    _write_atomic(_marker_path(out, task.index), json.dumps(record, indent=1).encode())
+    atomic_write(_marker_path(out, task.index), json.dumps(record, indent=1).encode())
     return record
 
 
@@ -358,7 +353,7 @@ def prepare_corpus(
     if len(saved) != len(tok) or fingerprint != tokenizer_fingerprint(tok):
         raise RuntimeError(f"the tokenizer saved in {tok_dir} does not reload identically")
     if training is not None and not (out / TRAINING_RECORD).is_file():
-        _write_atomic(out / TRAINING_RECORD, json.dumps({"record": training, "fingerprint": fingerprint},
+        atomic_write(out / TRAINING_RECORD, json.dumps({"record": training, "fingerprint": fingerprint},
                                                         indent=1).encode())
     vocab_size = len(saved)
     dtype = token_dtype(vocab_size)
@@ -416,7 +411,7 @@ def prepare_corpus(
     seconds = time.perf_counter() - t_start
     tokens = meta["splits"]["train"]["num_tokens"] + meta["splits"]["validation"]["num_tokens"]
     meta["preparation_seconds"] = round(seconds, 3)
-    _write_atomic(out / METADATA_FILE, json.dumps(meta, indent=1).encode())
+    atomic_write(out / METADATA_FILE, json.dumps(meta, indent=1).encode())
     log.info("prepared %s: %d train / %d validation sequences, %d tokens in %.1fs (%.0f tokens/s)",
              out, meta["splits"]["train"]["num_sequences"], meta["splits"]["validation"]["num_sequences"],
              tokens, seconds, tokens / max(seconds, 1e-9))

@@ -28,6 +28,8 @@ import textwrap
 from collections.abc import Iterator
 from pathlib import Path
 
+from sctd_dist.coordination import atomic_write
+
 DEFAULT_TARGET_BYTES = 3_000_000
 
 # A triple-quoted string that starts a line: docstrings and bare string statements, not
@@ -118,18 +120,15 @@ def write_sample_corpus(path: str | Path, target_bytes: int = DEFAULT_TARGET_BYT
         raise ValueError(f"target_bytes must be positive, got {target_bytes}")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    written = 0
-    with open(tmp, "w", encoding="utf-8", newline="\n") as f:
-        for doc in iter_sample_documents():
-            f.write(doc + "\n")
-            written += len(doc) + 1  # ASCII only: characters are bytes
-            if written >= target_bytes:
-                break
+    docs, written = [], 0
+    for doc in iter_sample_documents():
+        docs.append(doc + "\n")
+        written += len(doc) + 1  # ASCII only: characters are bytes
+        if written >= target_bytes:
+            break
     if written == 0:
-        tmp.unlink()
         raise RuntimeError("no installed package has docstrings to build the sample corpus from")
-    tmp.replace(path)
+    atomic_write(path, "".join(docs))
     return path
 
 

@@ -30,7 +30,6 @@ class SampleStream:
     global_batch_size: int
     seed: int
     drop_last: bool = True
-    shuffle: bool = True
 
     def __post_init__(self) -> None:
         if self.num_samples < 1:
@@ -57,8 +56,6 @@ class SampleStream:
             raise ValueError("stream positions must be >= 0")
         epochs = pos // self.samples_per_epoch
         within = pos % self.samples_per_epoch
-        if not self.shuffle:
-            return within, epochs
         rows = np.empty_like(pos)
         for e in np.unique(epochs):  # one or two epochs per step
             sel = epochs == e

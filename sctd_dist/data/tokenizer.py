@@ -17,40 +17,18 @@ import hashlib
 import json
 from collections import Counter
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from sctd_dist.special_tokens import SpecialTokenIds
 
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 _ROLE_TO_ATTR = {"cls": "cls_token_id", "sep": "sep_token_id", "mask": "mask_token_id",
                  "pad": "pad_token_id", "unk": "unk_token_id"}
 _ROLE_TO_TOKEN = {"cls": "[CLS]", "sep": "[SEP]", "mask": "[MASK]", "pad": "[PAD]", "unk": "[UNK]"}
 WORDPIECE_PREFIX = "##"
-
-
-@dataclass(frozen=True)
-class SpecialTokenIds:
-    """Ids of the five tokens BERT pretraining needs."""
-
-    cls: int
-    sep: int
-    mask: int
-    pad: int
-    unk: int
-
-    @property
-    def all(self) -> tuple[int, ...]:
-        """All five ids, sorted: never masked, never drawn as random replacements."""
-        return tuple(sorted({self.cls, self.sep, self.mask, self.pad, self.unk}))
-
-    def to_dict(self) -> dict[str, int]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, int]) -> "SpecialTokenIds":
-        return cls(**{k: int(d[k]) for k in ("cls", "sep", "mask", "pad", "unk")})
 
 
 def special_token_ids(tokenizer: Any, name: str = "tokenizer") -> SpecialTokenIds:

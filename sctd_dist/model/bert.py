@@ -259,7 +259,6 @@ class MLMOutput(NamedTuple):
     num_correct: torch.Tensor | None  # scalar, argmax == target over the full vocabulary
     cls_penultimate: torch.Tensor | None = None  # [b, h] [CLS] at the output of layer L-2
     cls_final: torch.Tensor | None = None  # [b, h] [CLS] at the final layer
-    logits: torch.Tensor | None = None  # [n_masked, V_padded/tp] (only when asked)
 
 
 class BertForMaskedLM(nn.Module):
@@ -268,7 +267,6 @@ class BertForMaskedLM(nn.Module):
     def __init__(self, cfg: BertModelConfig, ctx: ParallelContext | None = None) -> None:
         super().__init__()
         ctx = ctx or ParallelContext()
-        cfg.check_tensor_parallel(ctx.tp_size)
         self.config = cfg
         self.ctx = ctx
         self.bert = BertModel(cfg, ctx)
@@ -285,13 +283,11 @@ class BertForMaskedLM(nn.Module):
         routing: Routing | None = None,
         split_layer: int | None = None,
         return_cls: bool = False,
-        return_logits: bool = False,
     ) -> MLMOutput:
         """input_ids/attention_mask/labels: [b, s] (labels -100 where nothing is predicted).
 
         `labels` None runs the encoder only: no MLM head, no logits (a consistency pass needs
         just the [CLS] vectors)."""
-        self.config.check_seq_length(input_ids.shape[1])
         if token_type_ids is None:
             token_type_ids = torch.zeros_like(input_ids)
         # One host sync per forward buys the unmasked (fused) attention kernels on packed data.
@@ -299,15 +295,14 @@ class BertForMaskedLM(nn.Module):
         x = self.bert.embeddings(input_ids, token_type_ids)
         enc = self.bert.encoder(x, key_mask, routing, split_layer)
         hidden = tp.leave_to_replicated(enc.hidden, self.ctx)
-        out = (MLMOutput(None, None, None, None) if labels is None
-               else self._mlm(hidden, labels, return_logits))
+        out = MLMOutput(None, None, None, None) if labels is None else self._mlm(hidden, labels)
         if return_cls:
             out = out._replace(
                 cls_final=hidden[:, 0],
                 cls_penultimate=tp.leave_to_replicated(enc.penultimate, self.ctx)[:, 0])
         return out
 
-    def _mlm(self, hidden: torch.Tensor, labels: torch.Tensor, return_logits: bool) -> MLMOutput:
+    def _mlm(self, hidden: torch.Tensor, labels: torch.Tensor) -> MLMOutput:
         from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
         selected = labels.reshape(-1) >= 0
@@ -316,7 +311,6 @@ class BertForMaskedLM(nn.Module):
         logits = self.cls.predictions(h, self.bert.embeddings.word_embeddings.weight)
         logits = logits.float()  # the loss in fp32 whatever the model's dtype (a no-op in fp32)
         num_correct = self._num_correct(logits.detach(), targets)
-        kept_logits = logits.detach().clone() if return_logits else None
         if self.ctx.tp_size == 1:
             per_token = F.cross_entropy(logits, targets, reduction="none")
         else:
@@ -324,7 +318,7 @@ class BertForMaskedLM(nn.Module):
             per_token = vocab_parallel_cross_entropy(logits, targets)
         loss = per_token.mean() if targets.numel() else logits.sum() * 0.0
         return MLMOutput(loss=loss, per_token_loss=per_token, targets=targets,
-                         num_correct=num_correct, logits=kept_logits)
+                         num_correct=num_correct)
 
     def _num_correct(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         if targets.numel() == 0:

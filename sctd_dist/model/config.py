@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from sctd_dist.flags import flag
+
 PRESETS: dict[str, dict[str, Any]] = {
     # Small enough for CPU tests and the demo.
     "tiny": dict(num_hidden_layers=4, hidden_size=128, num_attention_heads=2, intermediate_size=512),
@@ -118,10 +120,7 @@ class BertModelConfig:
             raise ValueError(f"unknown model preset {name!r}; choose one of {sorted(PRESETS)}")
         values: dict[str, Any] = dict(PRESETS[name])
         if isinstance(overrides, (str, Path)):
-            path = Path(overrides)
-            if not path.is_file():
-                raise ValueError(f"--model-config {path} does not exist")
-            overrides = json.loads(path.read_text())
+            overrides = json.loads(Path(overrides).read_text())
         values.update(overrides or {})
         values.update(kwargs)
         names = {f.name for f in dataclasses.fields(cls)}
@@ -145,20 +144,26 @@ TokenDropMode = Literal["none", "vanilla", "sctd"]
 
 @dataclass
 class TokenDropConfig:
-    """Token dropping (Hou et al. 2022) and ScTD (Zhong et al. 2023) settings; paper defaults."""
+    """Token dropping (Hou et al. 2022) and ScTD (Zhong et al. 2023) settings; paper defaults.
 
-    mode: TokenDropMode = "sctd"
-    keep_ratio: float = 0.5
-    # Index of the split layer; None means the paper's L/2 - 1.
-    split_layer: int | None = None
-    sctd_interval: int = 10
-    # Weight w of the consistency term, which is averaged per masked token like the MLM loss.
-    sctd_weight: float = 0.05
+    Each field with a help text is also a flag of `sctd_dist.train` (the "token dropping" group).
+    """
+
+    mode: TokenDropMode = flag("sctd", "plain MLM (none), token dropping (vanilla) or ScTD (sctd)",
+                               name="--token-drop")
+    keep_ratio: float = flag(0.5, "fraction of tokens through the middle layers", name="--token-keep-ratio")
+    split_layer: int | None = flag(None, "index of the split layer (default: num_layers/2 - 1)",
+                                   name="--token-drop-split-layer")
+    sctd_interval: int = flag(10, "consistency step every N optimizer steps, step 0 included")
+    sctd_weight: float = flag(0.05, "weight w of the consistency term (averaged per masked token like "
+                              "the MLM loss)")
     # On consistency steps the MLM part is (1 - mix) * MLM_drop + mix * MLM_full. 0 is what the
     # released code effectively optimises (the full pass then runs no MLM head); 0.5 is what it
     # was written to do.
-    mlm_mix: float = 0.0
-    importance_beta: float = 0.95
+    mlm_mix: float = flag(0.0, "on consistency steps the MLM loss is (1-ALPHA)*MLM_drop + "
+                          "ALPHA*MLM_full; 0 is the released code's effective objective, 0.5 what "
+                          "it was written to do", name="--sctd-mlm-mix", metavar="ALPHA")
+    importance_beta: float = flag(0.95, "EMA factor of the token-importance table")
     importance_init: float = 10.0
 
     def __post_init__(self) -> None:

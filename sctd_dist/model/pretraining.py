@@ -12,13 +12,23 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from sctd_dist.data.tokenizer import SpecialTokenIds
 from sctd_dist.model.bert import BertForMaskedLM, MLMOutput
 from sctd_dist.model.config import BertModelConfig, TokenDropConfig
 from sctd_dist.model.consistency import cls_cosine, consistency_term
 from sctd_dist.model.importance import TokenImportance
 from sctd_dist.model.router import Routing, num_kept, route
 from sctd_dist.parallel.state import ParallelContext
+from sctd_dist.special_tokens import SpecialTokenIds
+
+
+def check_layout(model_config: BertModelConfig, drop: TokenDropConfig, seq_length: int,
+                 tp_size: int, sequence_parallel: bool) -> None:
+    """Raise ValueError when this model cannot train on sequences of `seq_length` at this
+    tensor/sequence-parallel layout (all known from the flags: checked before any process group)."""
+    model_config.check_tensor_parallel(tp_size)
+    model_config.check_seq_length(seq_length)
+    if drop.enabled:
+        num_kept(seq_length, drop.keep_ratio, tp_size, sequence_parallel)
 
 
 class StepOutput(NamedTuple):
@@ -55,12 +65,6 @@ class PretrainingModel(nn.Module):
             dp_group=ctx.dp_group if ctx.dp_size > 1 else None,
         )
         self._pending: list[tuple[torch.Tensor, torch.Tensor]] = []
-
-    def check_seq_length(self, seq_length: int) -> None:
-        """Fail before training when this sequence length cannot be routed at this layout."""
-        self.mlm.config.check_seq_length(seq_length)
-        if self.drop.enabled:
-            num_kept(seq_length, self.drop.keep_ratio, self.ctx.tp_size, self.ctx.sequence_parallel)
 
     def routing(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> Routing:
         """Kept positions for this batch; identical on every TP rank (same ids, same table)."""
@@ -142,5 +146,4 @@ class PretrainingModel(nn.Module):
         # Detached tensors, not floats: no host sync per micro-batch; the loop converts once.
         n = max(out.targets.numel(), 1)
         return {"loss": loss.detach(), "mlm_loss": out.loss.detach(),
-                "mlm_acc": out.num_correct.detach() / n,
-                "masked_tokens": torch.tensor(float(out.targets.numel()))}
+                "mlm_acc": out.num_correct.detach() / n}

@@ -105,7 +105,7 @@ class Routing:
             (kept queries x all keys).
         key_mask_kept: ``[b, k]`` bool, ``key_mask_all`` gathered at ``kept``: for the kept-only
             layers (under SP, after the all-gather the kept tokens are in ``kept`` order).
-        seq_length, num_kept, sequence_parallel, tp_size, tp_rank: the configuration.
+        seq_length, num_kept: the full sequence length and ``k``.
     """
 
     kept: torch.Tensor
@@ -114,14 +114,6 @@ class Routing:
     key_mask_kept: torch.Tensor
     seq_length: int
     num_kept: int
-    sequence_parallel: bool
-    tp_size: int
-    tp_rank: int
-
-    @property
-    def num_kept_local(self) -> int:
-        """Kept positions per sequence on this rank (``num_kept / tp_size`` under SP)."""
-        return self.kept_local.shape[1]
 
 
 def route(
@@ -199,49 +191,36 @@ def route(
         key_mask_kept=key_mask_kept,
         seq_length=seq,
         num_kept=k,
-        sequence_parallel=bool(sequence_parallel),
-        tp_size=tp_size,
-        tp_rank=tp_rank,
     )
 
 
-def _full_index(hidden: torch.Tensor, index: torch.Tensor, seq_dim: int) -> torch.Tensor:
-    """Expand a ``[b, k]`` index to the layout of ``hidden`` (a view: no copy)."""
+def _full_index(hidden: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Expand a ``[b, k]`` index to ``[b, k, h]`` for ``hidden`` ``[b, s, h]`` (a view: no copy)."""
     if hidden.dim() != 3:
         raise ValueError(f"hidden must be 3-D, got shape {tuple(hidden.shape)}")
     if index.dim() != 2:
         raise ValueError(f"index must be [batch, k], got shape {tuple(index.shape)}")
-    if seq_dim not in (0, 1):
-        raise ValueError(f"seq_dim must be 0 ([s, b, h]) or 1 ([b, s, h]), got {seq_dim}")
-    batch_dim = 1 - seq_dim
-    if index.shape[0] != hidden.shape[batch_dim]:
-        raise ValueError(
-            f"index batch size {index.shape[0]} != hidden batch size {hidden.shape[batch_dim]}"
-        )
-    idx = index if seq_dim == 1 else index.t()
-    return idx.unsqueeze(-1).expand(-1, -1, hidden.shape[-1])
+    if index.shape[0] != hidden.shape[0]:
+        raise ValueError(f"index batch size {index.shape[0]} != hidden batch size {hidden.shape[0]}")
+    return index.unsqueeze(-1).expand(-1, -1, hidden.shape[-1])
 
 
-def gather_tokens(hidden: torch.Tensor, index: torch.Tensor, *, seq_dim: int = 1) -> torch.Tensor:
+def gather_tokens(hidden: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """Rows of ``hidden`` at ``index``: ``[b, s, h]``, ``[b, k]`` -> ``[b, k, h]``.
 
-    Autograd-friendly (``torch.gather``). ``seq_dim=0`` accepts Megatron's ``[s, b, h]`` layout
-    (``index`` stays ``[b, k]``) and returns ``[k, b, h]``.
+    Autograd-friendly (``torch.gather``).
     """
-    return torch.gather(hidden, seq_dim, _full_index(hidden, index, seq_dim))
+    return torch.gather(hidden, 1, _full_index(hidden, index))
 
 
-def scatter_tokens(
-    base: torch.Tensor, index: torch.Tensor, values: torch.Tensor, *, seq_dim: int = 1
-) -> torch.Tensor:
+def scatter_tokens(base: torch.Tensor, index: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     """Out-of-place: ``base`` with the rows at ``index`` replaced by ``values``.
 
-    ``[b, s, h]``, ``[b, k]``, ``[b, k, h]`` -> ``[b, s, h]`` (``seq_dim=0``: ``[s, b, h]`` and
-    ``[k, b, h]``). Gradients flow to ``base`` at the rows not replaced and to ``values``.
-    Indices must be unique per row (as :func:`route` produces), which also keeps the backward
-    deterministic on GPU.
+    ``[b, s, h]``, ``[b, k]``, ``[b, k, h]`` -> ``[b, s, h]``. Gradients flow to ``base`` at the
+    rows not replaced and to ``values``. Indices must be unique per row (as :func:`route`
+    produces), which also keeps the backward deterministic on GPU.
     """
-    idx = _full_index(base, index, seq_dim)
+    idx = _full_index(base, index)
     if values.shape != idx.shape:
         raise ValueError(f"values shape {tuple(values.shape)} != expected {tuple(idx.shape)}")
-    return base.scatter(seq_dim, idx, values)
+    return base.scatter(1, idx, values)

@@ -8,8 +8,7 @@ from sctd_dist.parallel.state import (
     MegatronMPU,
     ParallelContext,
     check_tp_size,
-    destroy,
     initialize,
 )
 
-__all__ = ["MegatronMPU", "ParallelContext", "check_tp_size", "destroy", "initialize"]
+__all__ = ["MegatronMPU", "ParallelContext", "check_tp_size", "initialize"]

@@ -39,10 +39,6 @@ class ParallelContext:
     def world_size(self) -> int:
         return self.tp_size * self.dp_size
 
-    @property
-    def is_first_rank(self) -> bool:
-        return self.tp_rank == 0 and self.dp_rank == 0
-
 
 def check_tp_size(tp_size: int, world_size: int) -> None:
     """Fail before any group is made when the TP size cannot tile the world."""
@@ -118,46 +114,18 @@ def initialize(
     return ctx
 
 
-def destroy() -> None:
-    """Tear down megatron-core's groups and the default group (tests, clean exits)."""
-    from megatron.core import parallel_state as ps
-
-    if ps.model_parallel_is_initialized():
-        ps.destroy_model_parallel()
-    if dist.is_initialized():
-        dist.destroy_process_group()
-
-
 class MegatronMPU:
     """The `mpu` object DeepSpeed asks for, answering from megatron-core's parallel_state.
 
-    DeepSpeed calls the older `get_model_parallel_*` names, which parallel_state no longer has.
+    DeepSpeed calls the older `get_model_parallel_*` names, which parallel_state no longer has,
+    and newer DeepSpeed code paths the `get_tensor_model_parallel_*` ones: both are served.
     """
 
     def __init__(self) -> None:
         from megatron.core import parallel_state as ps
 
-        self._ps = ps
-
-    def get_model_parallel_rank(self) -> int:
-        return self._ps.get_tensor_model_parallel_rank()
-
-    def get_model_parallel_world_size(self) -> int:
-        return self._ps.get_tensor_model_parallel_world_size()
-
-    def get_model_parallel_group(self):
-        return self._ps.get_tensor_model_parallel_group()
-
-    def get_data_parallel_rank(self) -> int:
-        return self._ps.get_data_parallel_rank()
-
-    def get_data_parallel_world_size(self) -> int:
-        return self._ps.get_data_parallel_world_size()
-
-    def get_data_parallel_group(self):
-        return self._ps.get_data_parallel_group()
-
-    # Newer DeepSpeed code paths use the tensor-parallel spelling.
-    get_tensor_model_parallel_rank = get_model_parallel_rank
-    get_tensor_model_parallel_world_size = get_model_parallel_world_size
-    get_tensor_model_parallel_group = get_model_parallel_group
+        for what in ("rank", "world_size", "group"):
+            tensor = getattr(ps, f"get_tensor_model_parallel_{what}")
+            setattr(self, f"get_model_parallel_{what}", tensor)
+            setattr(self, f"get_tensor_model_parallel_{what}", tensor)
+            setattr(self, f"get_data_parallel_{what}", getattr(ps, f"get_data_parallel_{what}"))

@@ -128,22 +128,6 @@ def test_resume_with_another_dp_size(prepared) -> None:
         assert _equal(merged, expected[k])
 
 
-def test_prefetching_changes_nothing_but_speed(prepared) -> None:
-    plain = _loader(prepared)
-    expected = [next(plain) for _ in range(6)]
-    ahead = _loader(prepared, prefetch_steps=2)
-    try:
-        for s in range(3):
-            assert all(_equal(a, b) for a, b in zip(next(ahead), expected[s]))
-        assert len(ahead._pending) == 2 and ahead.state_dict()["consumed_samples"] == 3 * G
-        ahead.load_state_dict({"consumed_samples": G})  # jump back: prefetched work is dropped
-        for s in range(1, 6):
-            assert all(_equal(a, b) for a, b in zip(next(ahead), expected[s]))
-    finally:
-        ahead.close()
-    assert ahead._executor is None
-
-
 def test_state_and_argument_errors(prepared) -> None:
     with pytest.raises(ValueError, match="not divisible"):
         _loader(prepared, micro=5, dp_size=2)

@@ -117,7 +117,7 @@ def test_base_script_preempted_requeued_resumed(job_env, tmp_path):
     assert [r["requeue"] for r in log if "requeue" in r] == [JOB_ID]
     assert any(r.get("signal") == "SIGUSR1" for r in log if r["tool"] == "srun"), "srun got no SIGUSR1"
     # torchrun exits 1 after forwarding a signal, so with --kill-on-bad-exit srun may kill the other
-    # node's task; harmless, as no rank leaves checkpoint.save before every rank has written.
+    # node's task; harmless, as no rank leaves a checkpoint save before every rank has written.
     # The run folder: DeepSpeed JSON, the full command, the batch script's own record.
     assert json.loads((run_dir / "train" / "ds_config.json").read_text()) == \
         json.loads((REPO / "ds_configs" / "cpu_tiny.json").read_text())

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+from typing import Iterator
+
 import torch
 
 from sctd_dist.model.config import BertModelConfig
@@ -49,3 +52,16 @@ def hf_reference_state(cfg: BertModelConfig, seed: int = 0) -> dict[str, torch.T
         if name.endswith("bias"):
             t.copy_(torch.randn(t.shape, generator=g) * 0.02)
     return {k: v.clone() for k, v in state.items()}
+
+
+@contextlib.contextmanager
+def captured_logits(model) -> Iterator[list[torch.Tensor]]:
+    """Collects the vocab-parallel logits [n_masked, V_padded/tp] of every forward of `model`'s
+    (a BertForMaskedLM) MLM head, copied before the loss rewrites them in place."""
+    seen: list[torch.Tensor] = []
+    hook = model.cls.predictions.register_forward_hook(
+        lambda module, args, out: seen.append(out.detach().float().clone()))
+    try:
+        yield seen
+    finally:
+        hook.remove()

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from sctd_dist.model.bert import BertForMaskedLM
 from sctd_dist.model.router import route
 
-from .common import VOCAB, make_batch, small_config
+from .common import VOCAB, captured_logits, make_batch, small_config
 
 
 def _model(ctx) -> BertForMaskedLM:
@@ -23,10 +23,12 @@ def test_padded_vocab_never_wins(ctx1) -> None:
         # Make the padded rows as attractive as a real row can be: still excluded.
         weight[VOCAB:] = weight[:VOCAB].abs().max() * 5
     batch = make_batch()
-    out = model(**batch, return_logits=True)
-    assert out.logits.shape[1] > VOCAB  # the padding exists
-    real = out.logits[:, :VOCAB]
-    assert (out.logits[:, VOCAB:] < real.min(dim=1, keepdim=True).values).all()
+    with captured_logits(model) as seen:
+        out = model(**batch)
+    logits = seen[0]
+    assert logits.shape[1] > VOCAB  # the padding exists
+    real = logits[:, :VOCAB]
+    assert (logits[:, VOCAB:] < real.min(dim=1, keepdim=True).values).all()
     torch.testing.assert_close(out.per_token_loss, F.cross_entropy(real, out.targets, reduction="none"))
     assert out.num_correct == (real.argmax(dim=1) == out.targets).sum()
 

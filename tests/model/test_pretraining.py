@@ -8,8 +8,8 @@ import torch
 from sctd_dist.hf import load_hf_state_dict
 from sctd_dist.model.config import TokenDropConfig
 from sctd_dist.model.consistency import cls_kl
-from sctd_dist.data.tokenizer import SpecialTokenIds
-from sctd_dist.model.pretraining import PretrainingModel
+from sctd_dist.model.pretraining import PretrainingModel, check_layout
+from sctd_dist.special_tokens import SpecialTokenIds
 from tests.model.common import SPECIAL, hf_reference_state, make_batch, small_config
 
 SPECIALS = SpecialTokenIds(cls=SPECIAL["cls"], sep=SPECIAL["sep"], mask=SPECIAL["mask"],
@@ -93,7 +93,9 @@ def test_mlm_mix_weighs_the_dropping_and_the_full_pass(ctx1):
 def test_mode_none_is_the_plain_model(ctx1):
     model = _model(ctx1, mode="none")
     batch = make_batch(seq=16)
+    encoder = _Calls(model.mlm.bert.encoder)
     out = model(batch, step=0)
+    assert encoder.n == 1
     direct = model.mlm(batch["input_ids"], batch["attention_mask"], batch["labels"])
     assert torch.equal(out.loss, direct.loss)
 
@@ -119,16 +121,13 @@ def test_importance_update_uses_the_dropping_pass_losses(ctx1):
     assert torch.equal(after[untouched], before[untouched])
 
 
-def test_sequence_length_checked_against_the_layout(ctx1):
-    import dataclasses
-
-    model = PretrainingModel(CFG, TokenDropConfig(mode="vanilla", keep_ratio=0.5), SPECIALS,
-                             dataclasses.replace(ctx1, tp_size=2, sequence_parallel=True))
+def test_sequence_length_checked_against_the_layout():
+    drop = TokenDropConfig(mode="vanilla", keep_ratio=0.5)
     with pytest.raises(ValueError, match="not divisible by TP=2"):
-        model.check_seq_length(62)
-    model.check_seq_length(60)
+        check_layout(CFG, drop, 62, tp_size=2, sequence_parallel=True)
+    check_layout(CFG, drop, 60, tp_size=2, sequence_parallel=True)
     with pytest.raises(ValueError, match="exceeds max_position_embeddings"):
-        model.check_seq_length(128)
+        check_layout(CFG, drop, 128, tp_size=2, sequence_parallel=True)
 
 
 def test_evaluate_reports_the_cls_drift_of_the_dropping_path(ctx1):

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from tests.distributed import run_ranks
-from tests.model.common import VOCAB, hf_reference_state, make_batch, small_config
+from tests.model.common import VOCAB, captured_logits, hf_reference_state, make_batch, small_config
 
 
 def _gather_logits(logits: torch.Tensor, ctx) -> torch.Tensor:
@@ -59,9 +59,9 @@ def run_model(rank: int, world: int, tp: int, cfg, state, batch, cases):
                             tp_size=slices if per_slice else ctx.tp_size, tp_rank=ctx.tp_rank,
                             sequence_parallel=sp or per_slice)
             if per_slice:
-                routing = dataclasses.replace(routing, kept_local=routing.kept, tp_size=1,
-                                              sequence_parallel=False)
-        out = model(**batch, routing=routing, split_layer=1, return_logits=True, return_cls=True)
+                routing = dataclasses.replace(routing, kept_local=routing.kept)
+        with captured_logits(model) as seen:
+            out = model(**batch, routing=routing, split_layer=1, return_cls=True)
         out.loss.backward()
         replicated_equal = True
         if tp > 1:
@@ -78,7 +78,7 @@ def run_model(rank: int, world: int, tp: int, cfg, state, batch, cases):
             "kept_local": None if routing is None else routing.kept_local,
             "cls": (out.cls_penultimate.detach(), out.cls_final.detach()),
             "loss": out.loss.detach(),
-            "logits": _gather_logits(out.logits, ctx),
+            "logits": _gather_logits(seen[0], ctx),
             "grads": _merged_grads(model),
             "correct": out.num_correct,
             "replicated_equal": replicated_equal,

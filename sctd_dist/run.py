@@ -1,0 +1,154 @@
+"""Building a training run: every object the loop needs, each made once, in dependency order.
+
+What the flags and the data decide is checked before any process group exists, so a mistake
+costs seconds and one line: the DeepSpeed JSON, the data folder, the vocabulary (settled from
+the data before the model config is made), the model's fit to the TP/SP layout and sequence
+length. Then come the process groups, the data loaders, the model, the checkpointer (which
+plans a resume before the engine exists), the engine and the logger.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any, Callable
+
+from sctd_dist import preemption
+from sctd_dist.arguments import TrainConfig
+from sctd_dist.checkpoint import Checkpointer, RNGStreams, SavePolicy
+from sctd_dist.data.dataset import PackedDataset
+from sctd_dist.data.loader import PretrainingDataLoader, ValidationDataLoader
+from sctd_dist.data.masking import MaskingConfig
+from sctd_dist.ds_config import (apply_schedule, check_device_support, load_ds_config, precision,
+                                 resolve_batch_sizes, validate_with_deepspeed, zero_stage)
+from sctd_dist.flops import step_flops
+from sctd_dist.metrics import MetricsLogger
+from sctd_dist.model.config import BertModelConfig
+from sctd_dist.model.pretraining import PretrainingModel, check_layout
+from sctd_dist.parallel import MegatronMPU, ParallelContext, initialize
+
+
+@dataclass
+class Run:
+    """Everything the training loop touches."""
+
+    cfg: TrainConfig
+    ctx: ParallelContext
+    model: PretrainingModel
+    engine: Any  # deepspeed.DeepSpeedEngine wrapping `model`
+    loader: PretrainingDataLoader  # also the run's data position
+    valid_loader: ValidationDataLoader
+    checkpointer: Checkpointer
+    logger: MetricsLogger
+    step_flops: Callable[[int], float]  # model FLOPs of optimizer step `step`, all ranks together
+    start_step: int  # optimizer steps done before this process started
+
+
+def build_run(cfg: TrainConfig) -> Run:
+    """Make a new run, or resume one from the newest checkpoint in --load (default --save)."""
+    preemption.install()  # first: a signal during start-up must not kill the job unsaved
+    import deepspeed
+
+    ds_file = load_ds_config(cfg.deepspeed_config)
+    data_dir, train_set, valid_set = open_data(cfg)
+    model_cfg = model_config(cfg, train_set.vocab_size, data_dir)
+    check_layout(model_cfg, cfg.token_drop, cfg.seq_length, cfg.tensor_model_parallel_size,
+                 cfg.sequence_parallel)
+    ctx = initialize(cfg.tensor_model_parallel_size, sequence_parallel=cfg.sequence_parallel, seed=cfg.seed)
+    ds = prepare_ds_config(cfg, ds_file, ctx.dp_size, ctx.device.type)
+    masking = MaskingConfig(whole_word_masking=cfg.whole_word_masking)
+    batch, micro = ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"]
+    loader = PretrainingDataLoader(train_set, global_batch_size=batch, micro_batch_size=micro,
+                                   dp_rank=ctx.dp_rank, dp_size=ctx.dp_size, seed=cfg.seed, masking=masking)
+    valid_loader = ValidationDataLoader(valid_set, micro_batch_size=micro, dp_rank=ctx.dp_rank,
+                                        dp_size=ctx.dp_size, seed=cfg.seed, masking=masking)
+    model = PretrainingModel(model_cfg, cfg.token_drop, train_set.special_ids, ctx)
+    if cfg.init_hf is not None:
+        _load_hf_weights(model, cfg.init_hf)
+    model.to(ctx.device)
+    checkpointer = Checkpointer(
+        SavePolicy(cfg.save, cfg.save_interval, last_step=cfg.train_iters, keep_last=cfg.keep_last),
+        cfg.load_dir, run_record(cfg, model_cfg, ctx, ds, data_dir),
+        {"importance": model.importance, "data": loader, "rng": RNGStreams()})
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
+        config=checkpointer.deepspeed_config(ds), mpu=MegatronMPU(), dist_init_required=False)
+    start_step = checkpointer.start(engine)
+    logger = MetricsLogger(cfg.log_dir, ctx.device, world_size=ctx.world_size,
+                           tokens_per_step=batch * cfg.seq_length, micro_batches=loader.grad_accum,
+                           total_steps=cfg.train_iters, start_step=start_step, progress=cfg.progress)
+    plan = checkpointer.plan
+    logger.event("start" if plan is None else "resume", step=start_step,
+                 consumed_samples=loader.consumed_samples, checkpoint=None if plan is None else plan.tag,
+                 world_size=ctx.world_size, dp_size=ctx.dp_size, tp_size=ctx.tp_size,
+                 precision=str(precision(ds)), zero_stage=zero_stage(ds))
+    flops = partial(step_flops, model_cfg, cfg.token_drop, cfg.seq_length,
+                    masking.mlm_probability * cfg.seq_length, batch)
+    return Run(cfg, ctx, model, engine, loader, valid_loader, checkpointer, logger, flops, start_step)
+
+
+def open_data(cfg: TrainConfig) -> tuple[Path, PackedDataset, PackedDataset]:
+    """The prepared folder and its two splits; without --data-path the embedded sample corpus,
+    built on first use and cached in --data-cache."""
+    data_dir = cfg.data_path
+    if data_dir is None:
+        from sctd_dist.data.prepare import ensure_sample_dataset
+
+        # Every rank calls this before any process group exists: the builder's file lock lets
+        # the first build while the others wait, then reuse. One process builds (no worker
+        # pool): forking from a process with torch's threads running has deadlocked here.
+        data_dir = ensure_sample_dataset(cfg.data_cache, seq_length=cfg.seq_length, num_proc=1)
+    train, valid = PackedDataset(data_dir, split="train"), PackedDataset(data_dir, split="validation")
+    if train.seq_length != cfg.seq_length:
+        raise ValueError(f"--data-path {data_dir} holds sequences of {train.seq_length} tokens but "
+                         f"--seq-length is {cfg.seq_length}; prepare the data at that length or "
+                         f"pass --seq-length {train.seq_length}")
+    return Path(data_dir), train, valid
+
+
+def model_config(cfg: TrainConfig, data_vocab_size: int, data_dir: Path) -> BertModelConfig:
+    """The model's config, made once: a preset takes the vocabulary of the data's tokenizer; with
+    --model-config or --init-hf the model keeps its own, which must hold every id of the data."""
+    own_vocab = cfg.model_config is not None or cfg.init_hf is not None
+    model_cfg = BertModelConfig.from_preset(
+        cfg.model, cfg.model_config, activation_checkpointing=cfg.activation_checkpointing,
+        **({} if own_vocab else {"vocab_size": data_vocab_size}))
+    if model_cfg.vocab_size < data_vocab_size:
+        raise ValueError(f"vocab_size {model_cfg.vocab_size} of the model is smaller than the "
+                         f"tokenizer's {data_vocab_size} in {data_dir}; fix --model-config")
+    return model_cfg
+
+
+def prepare_ds_config(cfg: TrainConfig, ds: dict[str, Any], dp_size: int, device_type: str) -> dict[str, Any]:
+    """The DeepSpeed JSON, with CLI overrides and the run length applied, checked by DeepSpeed."""
+    check_device_support(ds, device_type)
+    ds = resolve_batch_sizes(ds, dp_size, micro_batch=cfg.micro_batch_size,
+                             global_batch=cfg.global_batch_size)
+    ds = apply_schedule(ds, cfg.lr_decay_iters or cfg.train_iters)
+    if cfg.lr is not None:
+        ds.setdefault("optimizer", {}).setdefault("params", {})["lr"] = cfg.lr
+    validate_with_deepspeed(ds, dp_size)
+    return ds
+
+
+def run_record(cfg: TrainConfig, model_cfg: BertModelConfig, ctx: ParallelContext,
+               ds: dict[str, Any], data_dir: Path) -> dict[str, Any]:
+    """What a checkpoint records about the run (compared on resume; the step is added at save)."""
+    return {
+        "model": model_cfg.to_dict(),
+        "tensor_model_parallel_size": ctx.tp_size, "sequence_parallel": ctx.sequence_parallel,
+        "world_size": ctx.world_size, "dp_size": ctx.dp_size, "zero_stage": zero_stage(ds),
+        "global_batch_size": ds["train_batch_size"], "seq_length": cfg.seq_length,
+        "token_drop": vars(cfg.token_drop).copy(), "data_path": str(data_dir),
+        "train_config": cfg.to_dict(),
+    }
+
+
+def _load_hf_weights(model: PretrainingModel, folder: Path) -> None:
+    from transformers import BertForMaskedLM as HFBertForMaskedLM
+
+    from sctd_dist.hf import load_hf_state_dict
+
+    hf = HFBertForMaskedLM.from_pretrained(folder)
+    load_hf_state_dict(model.mlm, hf.state_dict())
