@@ -88,6 +88,8 @@ def prepare(load_dir: Path, tag: str, saved: dict[str, Any], tp_size: int, tp_ra
     stage = saved["zero_stage"]
     if stage == 0 and saved["tensor_model_parallel_size"] == tp_size:
         return LoadTarget(load_dir=Path(load_dir), tag=tag, universal=False)  # replicated over DP
+    if stage == 0:  # every rank checks, so that every rank refuses (none waits at a barrier)
+        _check_plain_optimizer(source, saved)
     if not (out / _DONE).is_file():
         if _rank() == 0:
             shutil.rmtree(out, ignore_errors=True)
@@ -206,16 +208,21 @@ def _write_universal_rank(merged: Path, source: Path, dest: Path, saved: dict[st
     torch.save({**meta, "module": {}, "mp_world_size": 1}, dest / meta_files[0].name)
 
 
+def _check_plain_optimizer(source: Path, saved: dict[str, Any]) -> None:
+    """ZeRO-0: ValueError unless the checkpoint holds a plain torch optimizer state (in bf16/fp16
+    DeepSpeed wraps it in a mixed-precision optimizer whose flat buffers we do not re-split)."""
+    opt = torch.load(_model_state_files(source, 0)[0], map_location="cpu", weights_only=False,
+                     mmap=True).get("optimizer")
+    if not (isinstance(opt, dict) and "state" in opt and "param_groups" in opt):
+        raise ValueError(f"{source} (ZeRO-0, mixed precision) cannot move to another "
+                         "--tensor-model-parallel-size: resume at the saved "
+                         f"--tensor-model-parallel-size {saved['tensor_model_parallel_size']}, or train "
+                         "with ZeRO-1/2/3 to change layouts")
+
+
 def _tensor_parallel_states(source: Path, saved: dict[str, Any]) -> Iterator[tuple[str, dict[str, Any]]]:
     """ZeRO-0: (name, {fp32, exp_avg, exp_avg_sq: TP shards; step}) from each TP rank's file."""
     files = [_load(f) for f in _model_state_files(source, 0)]
-    for f in files:
-        opt = f.get("optimizer")
-        if not (isinstance(opt, dict) and "state" in opt and "param_groups" in opt):
-            raise ValueError("this ZeRO-0 checkpoint keeps its optimizer in a mixed-precision wrapper, "
-                             "which cannot move to another layout; resume at the saved "
-                             f"--tensor-model-parallel-size {saved['tensor_model_parallel_size']} and "
-                             f"number of processes, or train with ZeRO-1/2/3 to change layouts")
     names = _param_names(files[0])
     count = sum(len(g["params"]) for g in files[0]["optimizer"]["param_groups"])
     if count != len(names):

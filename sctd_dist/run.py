@@ -16,7 +16,7 @@ from typing import Any, Callable
 
 from sctd_dist import preemption
 from sctd_dist.arguments import TrainConfig
-from sctd_dist.checkpoint import Checkpointer, RNGStreams, SavePolicy
+from sctd_dist.checkpoint import DATA_POSITION, Checkpointer, ResumePlan, RNGStreams, SavePolicy
 from sctd_dist.data.dataset import PackedDataset
 from sctd_dist.data.loader import PretrainingDataLoader, ValidationDataLoader
 from sctd_dist.data.masking import MaskingConfig
@@ -70,7 +70,8 @@ def build_run(cfg: TrainConfig) -> Run:
     checkpointer = Checkpointer(
         SavePolicy(cfg.save, cfg.save_interval, last_step=cfg.train_iters, keep_last=cfg.keep_last),
         cfg.load_dir, run_record(cfg, model_cfg, ctx, ds, data_dir),
-        {"importance": model.importance, "data": loader, "rng": RNGStreams()})
+        {"importance": model.importance, DATA_POSITION: loader, "rng": RNGStreams()},
+        tp_rank=ctx.tp_rank, dp_rank=ctx.dp_rank, keep_data_position=cfg.keep_data_position)
     engine, _, _, _ = deepspeed.initialize(
         model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
         config=checkpointer.deepspeed_config(ds), mpu=MegatronMPU(), dist_init_required=False)
@@ -80,12 +81,29 @@ def build_run(cfg: TrainConfig) -> Run:
                            total_steps=cfg.train_iters, start_step=start_step, progress=cfg.progress)
     plan = checkpointer.plan
     logger.event("start" if plan is None else "resume", step=start_step,
-                 consumed_samples=loader.consumed_samples, checkpoint=None if plan is None else plan.tag,
+                 consumed_samples=loader.consumed_samples, checkpoint=None if plan is None else plan.source_tag,
                  world_size=ctx.world_size, dp_size=ctx.dp_size, tp_size=ctx.tp_size,
                  precision=str(precision(ds)), zero_stage=zero_stage(ds))
+    if plan is not None:
+        log_resume_changes(logger, plan, ctx, loader.consumed_samples, cfg.keep_data_position)
     flops = partial(step_flops, model_cfg, cfg.token_drop, cfg.seq_length,
                     masking.mlm_probability * cfg.seq_length, batch)
     return Run(cfg, ctx, model, engine, loader, valid_loader, checkpointer, logger, flops, start_step)
+
+
+def log_resume_changes(logger: MetricsLogger, plan: ResumePlan, ctx: ParallelContext,
+                       consumed_samples: int, keep_data_position: bool) -> None:
+    """A `layout_change` event when the checkpoint was saved at another TP x DP layout, and a
+    `data_switch` event when the training data changed since it was saved."""
+    saved = plan.saved
+    if plan.layout_changed:
+        logger.event("layout_change", checkpoint=plan.source_tag,
+                     saved_tp_size=saved["tensor_model_parallel_size"], saved_dp_size=saved["dp_size"],
+                     tp_size=ctx.tp_size, dp_size=ctx.dp_size,
+                     not_preserved="per-rank RNG streams (reseeded for the new layout)")
+    if plan.data_switch:
+        logger.event("data_switch", changes=plan.data_switch, kept_position=keep_data_position,
+                     consumed_samples=consumed_samples)
 
 
 def open_data(cfg: TrainConfig) -> tuple[Path, PackedDataset, PackedDataset]:
