@@ -134,15 +134,16 @@ def _init(tp: int):
     return initialize(tp, seed=11)
 
 
-def _save(ctx, data_dir, root, stages=STAGES) -> dict:
-    """Per ZeRO stage: train, save at step 3, gather, continue to step 6."""
+def _save(tp, data_dir, root, stages=STAGES) -> dict:
+    """Per ZeRO stage, from the seed: train, save at step 3, gather, continue to step 6."""
     results = {}
     for stage in stages:
+        ctx = _init(tp)  # seeded again: every job starts from the seed
         job = _Job(ctx, stage, data_dir, save_dir=root / f"tp{ctx.tp_size}dp{ctx.dp_size}_z{stage}")
-        job.run(0, SAVE_AT)
+        early = job.run(0, SAVE_AT)
         assert job.checkpointer.after_step(SAVE_AT, stop=False) is not None
         states = job.gather()
-        results[stage] = {"states": states, "losses": job.run(SAVE_AT, STEPS)}
+        results[stage] = {"states": states, "losses": job.run(SAVE_AT, STEPS), "early": early}
     return results
 
 
@@ -161,7 +162,7 @@ def _resume(ctx, data_dir, root, source, stages=STAGES) -> dict:
 
 def _two_ranks(rank, world, data_dir, root):
     """Save at TP=2 x DP=1 and at TP=1 x DP=2, then resume each at the other layout."""
-    saved = {"tp2dp1": _save(_init(2), data_dir, root, ALONE_STAGES), "tp1dp2": _save(_init(1), data_dir, root)}
+    saved = {"tp2dp1": _save(2, data_dir, root, ALONE_STAGES), "tp1dp2": _save(1, data_dir, root)}
     resumed = {"tp2dp1": _resume(_init(1), data_dir, root, "tp2dp1"),
                "tp1dp2": _resume(_init(2), data_dir, root, "tp1dp2")}
     return saved, resumed
@@ -200,8 +201,10 @@ def _check(resumed: dict, reference: dict, label: str) -> None:
 def test_resume_at_another_layout_continues_exactly(tmp_path, data_dir):
     """TP=2 x DP=1 resumed at TP=1 x DP=2 and at TP=1 x DP=1, TP=1 x DP=2 resumed at TP=2 x DP=1
     (ZeRO 1 and 3, ScTD on; ZeRO 0 too for the last). One test and two spawns, so that each
-    layout is saved once."""
+    layout is saved once. The two saving runs also show that the same seed gives the same run
+    at TP=1 and TP=2."""
     saved, resumed = run_ranks(_two_ranks, 2, data_dir, tmp_path, timeout=900)[0]
+    _same_run_at_both_tp_sizes(saved)
     other_data = shutil.copytree(data_dir, tmp_path / "phase2-data")
     alone = run_ranks(_one_rank, 1, data_dir, tmp_path, other_data, timeout=600)[0]
     for source, layout, results, stages in (("tp2dp1", "tp1 x dp2", resumed["tp2dp1"], STAGES),
@@ -213,3 +216,13 @@ def test_resume_at_another_layout_continues_exactly(tmp_path, data_dir):
     fresh, kept = alone[("data", False)], alone[("data", True)]
     assert fresh["consumed"] == 0 and torch.equal(fresh["next"], fresh["first"])
     assert kept["consumed"] == SAVE_AT * GLOBAL_BATCH and not torch.equal(kept["next"], kept["first"])
+
+
+def _same_run_at_both_tp_sizes(saved: dict) -> None:
+    """The saving runs started from the same seed at TP=2 and TP=1, whose padded vocabularies
+    differ: the same initial model, so the same step-0 loss and the same 6-step curve."""
+    for stage in STAGES:
+        tp2, tp1 = ({**saved[s][stage]["early"], **saved[s][stage]["losses"]} for s in ("tp2dp1", "tp1dp2"))
+        assert sorted(tp1) == sorted(tp2) == list(range(STEPS))
+        assert abs(tp1[0] - tp2[0]) < 1e-6, (stage, tp1[0], tp2[0])
+        assert all(abs(tp1[s] - tp2[s]) < 1e-5 for s in tp1), (stage, tp1, tp2)
