@@ -159,22 +159,33 @@ class ResumePlan:
     data_switch: dict[str, list[Any]]  # see `data_switch`; empty when the data is the same
 
 
+def check_resume(load_dir: Path | None, current: dict[str, Any]) -> tuple[str, dict[str, Any]] | None:
+    """The tag and run record of the checkpoint this run resumes (None: a new run); ValueError when it
+    cannot load into this run, also not at another layout. Needs only the record's model,
+    `tensor_model_parallel_size`, `dp_size` and `zero_stage`: it runs before any process group."""
+    tag = latest_tag(load_dir)
+    if tag is None:
+        return None
+    saved = read_run(Path(load_dir), tag)
+    check_compatible(saved, current)
+    if reshard.layout_changed(saved, current):
+        reshard.check_supported(saved, current)
+    return tag, saved
+
+
 def plan_resume(load_dir: Path | None, current: dict[str, Any], tp_rank: int = 0,
                 dp_rank: int = 0) -> ResumePlan | None:
     """Decide before the engine exists (a universal load must be set in the DeepSpeed config).
 
     A checkpoint of another TP x DP layout is converted here, once, for this rank's place in the
     new layout (`tp_rank`, `dp_rank`); what cannot be converted raises ValueError."""
-    tag = latest_tag(load_dir)
-    if tag is None:
+    found = check_resume(load_dir, current)
+    if found is None:
         return None
-    load_dir = Path(load_dir)
-    saved = read_run(load_dir, tag)
-    check_compatible(saved, current)
+    (tag, saved), load_dir = found, Path(load_dir)
     moved = reshard.layout_changed(saved, current)
     target = reshard.LoadTarget(load_dir, tag, universal=False)
     if moved:
-        reshard.check_supported(saved, current)
         target = reshard.prepare(load_dir, tag, saved, current["tensor_model_parallel_size"], tp_rank, dp_rank)
     return ResumePlan(load_dir=target.load_dir, tag=target.tag, source_tag=tag, saved=saved,
                       universal=target.universal, layout_changed=moved,

@@ -3,7 +3,7 @@
 What the flags and the data decide is checked before any process group exists, so a mistake
 costs seconds and one line: the DeepSpeed JSON, the data folder, the vocabulary (settled from
 the data before the model config is made), the model's fit to the TP/SP layout and sequence
-length. Then come the process groups, the data loaders, the model, the checkpointer (which
+length, and the fit of the checkpoint to resume. Then come the process groups, the data loaders, the model, the checkpointer (which
 plans a resume before the engine exists), the engine and the logger.
 """
 
@@ -16,7 +16,8 @@ from typing import Any, Callable
 
 from sctd_dist import preemption
 from sctd_dist.arguments import TrainConfig
-from sctd_dist.checkpoint import DATA_POSITION, Checkpointer, ResumePlan, RNGStreams, SavePolicy
+from sctd_dist.checkpoint import (DATA_POSITION, Checkpointer, ResumePlan, RNGStreams, SavePolicy,
+                                  check_resume)
 from sctd_dist.data.dataset import PackedDataset
 from sctd_dist.data.loader import PretrainingDataLoader, ValidationDataLoader
 from sctd_dist.data.masking import MaskingConfig
@@ -26,7 +27,7 @@ from sctd_dist.flops import step_flops
 from sctd_dist.metrics import MetricsLogger
 from sctd_dist.model.config import BertModelConfig
 from sctd_dist.model.pretraining import PretrainingModel, check_layout
-from sctd_dist.parallel import MegatronMPU, ParallelContext, initialize
+from sctd_dist.parallel import MegatronMPU, ParallelContext, check_tp_size, initialize, launch_env
 
 
 @dataclass
@@ -55,6 +56,7 @@ def build_run(cfg: TrainConfig) -> Run:
     model_cfg = model_config(cfg, train_set.vocab_size, data_dir)
     check_layout(model_cfg, cfg.token_drop, cfg.seq_length, cfg.tensor_model_parallel_size,
                  cfg.sequence_parallel)
+    check_checkpoint_fits(cfg, model_cfg, ds_file)
     ctx = initialize(cfg.tensor_model_parallel_size, sequence_parallel=cfg.sequence_parallel, seed=cfg.seed)
     ds = prepare_ds_config(cfg, ds_file, ctx.dp_size, ctx.device.type)
     masking = MaskingConfig(whole_word_masking=cfg.whole_word_masking)
@@ -89,6 +91,16 @@ def build_run(cfg: TrainConfig) -> Run:
     flops = partial(step_flops, model_cfg, cfg.token_drop, cfg.seq_length,
                     masking.mlm_probability * cfg.seq_length, batch)
     return Run(cfg, ctx, model, engine, loader, valid_loader, checkpointer, logger, flops, start_step)
+
+
+def check_checkpoint_fits(cfg: TrainConfig, model_cfg: BertModelConfig, ds: dict[str, Any]) -> None:
+    """Refuse a checkpoint in --load that this run cannot load, before any process group exists
+    (the layout comes from the launcher's variables)."""
+    world_size = launch_env.discover().world_size
+    tp = cfg.tensor_model_parallel_size
+    check_tp_size(tp, world_size)
+    check_resume(cfg.load_dir, {"model": model_cfg.to_dict(), "tensor_model_parallel_size": tp,
+                                "dp_size": world_size // tp, "zero_stage": zero_stage(ds)})
 
 
 def log_resume_changes(logger: MetricsLogger, plan: ResumePlan, ctx: ParallelContext,
