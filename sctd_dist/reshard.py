@@ -41,8 +41,8 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import torch
-import torch.distributed as dist
 
+from sctd_dist.coordination import barrier, is_rank0
 from sctd_dist.parallel import layout
 
 # Conversions live beside the checkpoints, in their own namespace: DIR/resharded/<tag>/...
@@ -91,23 +91,23 @@ def prepare(load_dir: Path, tag: str, saved: dict[str, Any], tp_size: int, tp_ra
     if stage == 0:  # every rank checks, so that every rank refuses (none waits at a barrier)
         _check_plain_optimizer(source, saved)
     if not (out / _DONE).is_file():
-        if _rank() == 0:
+        if is_rank0():
             shutil.rmtree(out, ignore_errors=True)
             out.mkdir(parents=True)
         merged = work / "universal"
-        if stage > 0 and _rank() == 0 and not (merged / _DONE).is_file():
+        if stage > 0 and is_rank0() and not (merged / _DONE).is_file():
             _merge_zero_partitions(source, merged)
-        _barrier()
+        barrier()
         if dp_rank == 0:
             if stage > 0:
                 _write_universal_rank(merged, source, out / f"rank{tp_rank}", saved, tp_size, tp_rank)
             else:
                 _write_native_rank(source, out, saved, tp_size, tp_rank)
-        _barrier()
-        if _rank() == 0:
+        barrier()
+        if is_rank0():
             (out / _DONE).write_text("ok")
             shutil.rmtree(merged, ignore_errors=True)  # the per-rank files hold everything now
-        _barrier()
+        barrier()
     if stage > 0:
         return LoadTarget(load_dir=out, tag=f"rank{tp_rank}", universal=True)
     return LoadTarget(load_dir=work, tag=out.name, universal=False)
@@ -116,15 +116,6 @@ def prepare(load_dir: Path, tag: str, saved: dict[str, Any], tp_size: int, tp_ra
 def remove(load_dir: Path, tag: str) -> None:
     """Delete the conversions of checkpoint `tag` (when the checkpoint itself is pruned)."""
     shutil.rmtree(Path(load_dir) / RESHARD_DIR / tag, ignore_errors=True)
-
-
-def _rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
-
-
-def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
 
 
 def _merge_zero_partitions(source: Path, merged: Path) -> None:
