@@ -9,6 +9,7 @@ plans a resume before the engine exists), the engine and the logger.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -18,6 +19,7 @@ from sctd_dist import preemption
 from sctd_dist.arguments import TrainConfig
 from sctd_dist.checkpoint import (DATA_POSITION, Checkpointer, ResumePlan, RNGStreams, SavePolicy,
                                   check_resume)
+from sctd_dist.coordination import is_rank0
 from sctd_dist.data.dataset import PackedDataset
 from sctd_dist.data.loader import PretrainingDataLoader, ValidationDataLoader
 from sctd_dist.data.masking import MaskingConfig
@@ -106,16 +108,29 @@ def check_checkpoint_fits(cfg: TrainConfig, model_cfg: BertModelConfig, ds: dict
 def log_resume_changes(logger: MetricsLogger, plan: ResumePlan, ctx: ParallelContext,
                        consumed_samples: int, keep_data_position: bool) -> None:
     """A `layout_change` event when the checkpoint was saved at another TP x DP layout, and a
-    `data_switch` event when the training data changed since it was saved."""
+    `data_switch` event when the training data changed since it was saved (each also one line
+    on stderr: a run without --log-dir says so too)."""
     saved = plan.saved
     if plan.layout_changed:
         logger.event("layout_change", checkpoint=plan.source_tag,
                      saved_tp_size=saved["tensor_model_parallel_size"], saved_dp_size=saved["dp_size"],
                      tp_size=ctx.tp_size, dp_size=ctx.dp_size,
                      not_preserved="per-rank RNG streams (reseeded for the new layout)")
+        _say(f"resuming {plan.source_tag}, saved at TP={saved['tensor_model_parallel_size']} x "
+             f"DP={saved['dp_size']}, at TP={ctx.tp_size} x DP={ctx.dp_size}: weights, optimizer, "
+             "schedule and importance table carried over, RNG streams reseeded")
     if plan.data_switch:
         logger.event("data_switch", changes=plan.data_switch, kept_position=keep_data_position,
                      consumed_samples=consumed_samples)
+        changes = ", ".join(f"{flag} {old} -> {new}" for flag, (old, new) in plan.data_switch.items())
+        _say(f"data switch ({changes}): " + (
+            f"continuing at sample {consumed_samples} (--keep-data-position)" if keep_data_position
+            else "the new data starts at its first sample (--keep-data-position continues the old count)"))
+
+
+def _say(line: str) -> None:
+    if is_rank0():
+        print(line, file=sys.stderr, flush=True)
 
 
 def open_data(cfg: TrainConfig) -> tuple[Path, PackedDataset, PackedDataset]:

@@ -121,7 +121,8 @@ def test_resume_on_a_different_data_parallel_size(data_dir, tmp_path):
     ref = launch.losses(tmp_path / "two" / "logs")
     shutil.copytree(tmp_path / "two" / "ckpt" / "global_step6", tmp_path / "one" / "ckpt" / "global_step6")
     (tmp_path / "one" / "ckpt" / checkpoint.LATEST).write_text("global_step6")
-    launch.train(1, *job_args(tmp_path, data_dir, 2, "tp1dp2", "one", *extra))
+    proc = launch.train(1, *job_args(tmp_path, data_dir, 2, "tp1dp2", "one", *extra))
+    assert "resuming global_step6, saved at TP=1 x DP=2, at TP=1 x DP=1" in proc.stderr
     logs = tmp_path / "one" / "logs"
     got = launch.losses(logs)
     resume = launch.events(logs, "resume")[0]
