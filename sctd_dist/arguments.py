@@ -57,6 +57,9 @@ class TrainConfig:
     save_interval: int | None = flag(None, "checkpoint every N optimizer steps (and after the last)",
                                      group=_OUTPUT)
     load: Path | None = flag(None, "default: --save (resume from its newest checkpoint)", group=_OUTPUT)
+    keep_data_position: bool = flag(False, "resuming with another --data-path or --seq-length: continue "
+                                    "at the checkpoint's sample count instead of the new data's first "
+                                    "sample", group=_OUTPUT)
     keep_last: int | None = flag(None, "keep only the N newest checkpoints", group=_OUTPUT)
     log_dir: Path | None = flag(None, "metrics.jsonl and TensorBoard events", group=_OUTPUT)
     progress: bool = flag(True, "no progress bar", name="--no-progress", group=_OUTPUT)

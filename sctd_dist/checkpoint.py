@@ -8,8 +8,9 @@ One `Checkpointer` per run owns the three questions:
   run's other stateful objects, each with `state_dict()` / `load_state_dict()`: the importance
   table and the data position are the same on every rank (rank 0 writes them once, to
   `sctd_state.pt`), the RNG streams differ per rank (`rng_rank{R}.pt`);
-* how to resume (`ResumePlan`): the newest complete checkpoint, checked against this run, and
-  converted once to DeepSpeed's universal format when the data-parallel size changed.
+* how to resume (`ResumePlan`): the newest complete checkpoint, checked against this run,
+  converted once for this run's layout when the tensor- or data-parallel size changed
+  (`sctd_dist.reshard`), and whether the run moved to other data (`data_switch`).
 
 A checkpoint is written in one place (`Checkpointer._write`) and read in one place
 (`plan_resume` decides, `Checkpointer._read` loads). Beside DeepSpeed's files a folder holds
@@ -30,6 +31,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
+from sctd_dist import reshard
 from sctd_dist.coordination import atomic_write, barrier, is_rank0, rank, rank0_first
 from sctd_dist.parallel.random import SHARDED_RNG
 
@@ -39,6 +41,8 @@ RUN_FILE = "sctd_run.json"
 # position). DeepSpeed saves module buffers too, but its universal-checkpoint path does not load
 # them back.
 STATE_FILE = "sctd_state.pt"
+# The name of the stateful object that is the data position (the training data loader).
+DATA_POSITION = "data"
 # Fields that fix parameter shapes: a checkpoint only loads into the same values.
 SHAPE_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
                 "intermediate_size", "max_position_embeddings", "type_vocab_size")
@@ -114,6 +118,7 @@ def prune(save_dir: Path, keep_last: int) -> list[Path]:
     doomed = [p for p in complete[:-keep_last] if p.name != current]
     for p in doomed:
         shutil.rmtree(p, ignore_errors=True)
+        reshard.remove(save_dir, p.name)
     return doomed
 
 
@@ -124,62 +129,67 @@ def check_compatible(saved: dict[str, Any], current: dict[str, Any]) -> None:
         a, b = saved["model"].get(f), current["model"].get(f)
         if a != b:
             diffs.append(f"{f}: checkpoint {a}, now {b}")
-    if saved["tensor_model_parallel_size"] != current["tensor_model_parallel_size"]:
-        diffs.append(f"--tensor-model-parallel-size: checkpoint {saved['tensor_model_parallel_size']}, "
-                     f"now {current['tensor_model_parallel_size']}")
     if diffs:
         raise ValueError("checkpoint does not fit this run (" + "; ".join(diffs) + "); restart with "
                          "the checkpoint's values or point --load/--save at a new folder")
+
+
+def data_switch(saved: dict[str, Any], current: dict[str, Any]) -> dict[str, list[Any]]:
+    """What changed in the training data since the checkpoint: {flag: [checkpoint, now]} for
+    --data-path (compared as resolved folders) and --seq-length; empty for the same data."""
+    def folder(record: dict[str, Any]) -> str | None:
+        path = record.get("data_path")
+        return None if path is None else str(Path(path).resolve())
+
+    changes = {"--data-path": [folder(saved), folder(current)],
+               "--seq-length": [saved.get("seq_length"), current.get("seq_length")]}
+    return {flag: pair for flag, pair in changes.items() if pair[0] != pair[1]}
 
 
 @dataclass(frozen=True)
 class ResumePlan:
     """Which checkpoint a restart loads, and how."""
 
-    tag: str  # the folder DeepSpeed loads (a converted universal copy when resharding)
-    source_tag: str  # the checkpoint as saved
+    load_dir: Path  # the folder DeepSpeed loads from (a conversion's folder when resharding)
+    tag: str  # the checkpoint DeepSpeed loads there
+    source_tag: str  # the checkpoint as saved, in the run's --load folder
     saved: dict[str, Any]  # the run record of the checkpoint
-    universal: bool  # ZeRO shards are re-partitioned for a new data-parallel size
+    universal: bool  # DeepSpeed loads a universal checkpoint (`checkpoint.load_universal`)
+    layout_changed: bool  # saved at another TP x DP layout: converted, per-rank RNG streams reseeded
+    data_switch: dict[str, list[Any]]  # see `data_switch`; empty when the data is the same
 
 
-def plan_resume(load_dir: Path | None, current: dict[str, Any]) -> ResumePlan | None:
-    """Decide before the engine exists (a universal load must be set in the DeepSpeed config)."""
+def check_resume(load_dir: Path | None, current: dict[str, Any]) -> tuple[str, dict[str, Any]] | None:
+    """The tag and run record of the checkpoint this run resumes (None: a new run); ValueError when it
+    cannot load into this run, also not at another layout. Needs only the record's model,
+    `tensor_model_parallel_size`, `dp_size` and `zero_stage`: it runs before any process group."""
     tag = latest_tag(load_dir)
     if tag is None:
         return None
-    saved = read_run(load_dir, tag)
+    saved = read_run(Path(load_dir), tag)
     check_compatible(saved, current)
-    universal = saved["world_size"] != current["world_size"] and saved["zero_stage"] > 0
-    load_tag = to_universal(Path(load_dir), tag) if universal else tag
-    return ResumePlan(tag=load_tag, source_tag=tag, saved=saved, universal=universal)
+    if reshard.layout_changed(saved, current):
+        reshard.check_supported(saved, current)
+    return tag, saved
 
 
-def to_universal(load_dir: Path, tag: str) -> str:
-    """Convert checkpoint `tag` to DeepSpeed's universal format (once; rank 0 converts).
+def plan_resume(load_dir: Path | None, current: dict[str, Any], tp_rank: int = 0,
+                dp_rank: int = 0) -> ResumePlan | None:
+    """Decide before the engine exists (a universal load must be set in the DeepSpeed config).
 
-    ZeRO shards are tied to the data-parallel size that wrote them; the universal format holds
-    every parameter's fp32 weight and Adam moments whole, so any DP size can load it.
-    """
-    import subprocess
-    import sys
-
-    target = f"{tag}_universal"
-    done = load_dir / target / ".complete"
-
-    def convert() -> None:
-        if done.is_file():
-            return
-        shutil.rmtree(load_dir / target, ignore_errors=True)
-        proc = subprocess.run(
-            [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
-             str(load_dir / tag), "--output_folder", str(load_dir / target),
-             "--inject_missing_state"], capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise RuntimeError(f"converting {tag} to a universal checkpoint failed:\n{proc.stderr[-3000:]}")
-        done.write_text("ok")
-
-    rank0_first(convert)  # the other ranks find it converted
-    return target
+    A checkpoint of another TP x DP layout is converted here, once, for this rank's place in the
+    new layout (`tp_rank`, `dp_rank`); what cannot be converted raises ValueError."""
+    found = check_resume(load_dir, current)
+    if found is None:
+        return None
+    (tag, saved), load_dir = found, Path(load_dir)
+    moved = reshard.layout_changed(saved, current)
+    target = reshard.LoadTarget(load_dir, tag, universal=False)
+    if moved:
+        target = reshard.prepare(load_dir, tag, saved, current["tensor_model_parallel_size"], tp_rank, dp_rank)
+    return ResumePlan(load_dir=target.load_dir, tag=target.tag, source_tag=tag, saved=saved,
+                      universal=target.universal, layout_changed=moved,
+                      data_switch=data_switch(saved, current))
 
 
 @dataclass(frozen=True)
@@ -207,13 +217,17 @@ class Checkpointer:
     """
 
     def __init__(self, policy: SavePolicy, load_dir: Path | None, record: dict[str, Any],
-                 states: dict[str, Stateful]) -> None:
+                 states: dict[str, Stateful], *, tp_rank: int = 0, dp_rank: int = 0,
+                 keep_data_position: bool = False) -> None:
         self.policy = policy
         self.load_dir = None if load_dir is None else Path(load_dir)
         self.record = record  # what this run is, compared on resume and written with each save
         self.states = states
+        # On a data switch, continue the data position (DATA_POSITION state) instead of
+        # starting the new data at its first sample.
+        self.keep_data_position = keep_data_position
         self.engine: Any = None
-        self.plan = plan_resume(self.load_dir, record)
+        self.plan = plan_resume(self.load_dir, record, tp_rank, dp_rank)
 
     def deepspeed_config(self, ds: dict[str, Any]) -> dict[str, Any]:
         """`ds`, set to load the planned checkpoint."""
@@ -259,21 +273,25 @@ class Checkpointer:
     def _read(self, plan: ResumePlan) -> int:
         """Load `plan` into the engine and the stateful objects; returns its step. Per-rank
         states are restored only where the layout is unchanged (otherwise the new layout's own
-        seeds stay)."""
-        path, _ = self.engine.load_checkpoint(str(self.load_dir), tag=plan.tag, load_module_strict=True,
+        seeds stay); after a data switch the data position stays at the new data's first sample
+        unless `keep_data_position`."""
+        path, _ = self.engine.load_checkpoint(str(plan.load_dir), tag=plan.tag, load_module_strict=True,
                                               load_optimizer_states=True, load_lr_scheduler_states=True)
         if path is None:
-            raise RuntimeError(f"DeepSpeed could not load checkpoint {plan.tag} from {self.load_dir}")
+            raise RuntimeError(f"DeepSpeed could not load checkpoint {plan.tag} from {plan.load_dir}")
         source = self.load_dir / plan.source_tag
         replicated = torch.load(source / STATE_FILE, map_location="cpu", weights_only=False)
         missing = sorted(n for n, obj in self.states.items() if not _per_rank(obj) and n not in replicated)
         if missing:
             raise RuntimeError(f"{source / STATE_FILE} holds no {missing} state: the checkpoint was "
                                "written by an older sctd-dist, which kept the data position elsewhere")
+        fresh_data = bool(plan.data_switch) and not self.keep_data_position
         for name, obj in self.states.items():
             own = source / f"{name}_rank{rank()}.pt"
+            if name == DATA_POSITION and fresh_data:
+                continue
             if not _per_rank(obj):
                 obj.load_state_dict(replicated[name])
-            elif not plan.universal and own.is_file():
+            elif not plan.layout_changed and own.is_file():
                 obj.load_state_dict(torch.load(own, weights_only=False))
         return int(plan.saved["step"])

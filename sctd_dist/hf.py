@@ -6,37 +6,16 @@ split over TP ranks (and along which dimension), the vocabulary padding, and the
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Iterable, Mapping
 
 import torch
 
 from sctd_dist.model.config import BertModelConfig
+from sctd_dist.parallel import layout
 
-# Sharded along the output dimension (ColumnParallelLinear): weight rows and bias.
-_COLUMN = re.compile(r"attention\.self\.(query|key|value)\.(weight|bias)$|intermediate\.dense\.(weight|bias)$")
-# Sharded along the input dimension (RowParallelLinear): weight columns; bias replicated.
-_ROW = re.compile(r"(attention\.output\.dense|layer\.\d+\.output\.dense)\.weight$")
-_VOCAB = ("bert.embeddings.word_embeddings.weight", "cls.predictions.bias")
 # Present in Hugging Face's state dict only as ties of tensors we keep once.
 _HF_TIED = ("cls.predictions.decoder.weight", "cls.predictions.decoder.bias")
-
-
-def shard_dim(name: str) -> int | None:
-    """The dimension along which parameter `name` is split over TP ranks (None: replicated)."""
-    if name in _VOCAB or _COLUMN.search(name):
-        return 0
-    if _ROW.search(name):
-        return 1
-    return None
-
-
-def _pad_vocab(t: torch.Tensor, padded: int) -> torch.Tensor:
-    if t.shape[0] == padded:
-        return t
-    pad = torch.zeros((padded - t.shape[0],) + tuple(t.shape[1:]), dtype=t.dtype)
-    return torch.cat([t, pad], dim=0)
 
 
 def hf_to_shard(
@@ -48,13 +27,7 @@ def hf_to_shard(
     for name, tensor in hf_state.items():
         if name in _HF_TIED or name.endswith("position_ids"):
             continue
-        t = tensor.detach().cpu()
-        if name in _VOCAB:
-            t = _pad_vocab(t, padded)
-        dim = shard_dim(name)
-        if dim is not None:
-            t = t.chunk(tp_size, dim=dim)[tp_rank]
-        out[name] = t.clone()
+        out[name] = layout.split(tensor.detach().cpu(), name, tp_size, tp_rank, padded).clone()
     return out
 
 
@@ -80,12 +53,8 @@ def merge_shards(
     shards = list(shards)
     merged: dict[str, torch.Tensor] = {}
     for name in shards[0]:
-        dim = shard_dim(name)
         parts = [s[name].detach().cpu() for s in shards]
-        t = torch.cat(parts, dim=dim) if dim is not None and len(parts) > 1 else parts[0]
-        if name in _VOCAB:
-            t = t[: cfg.vocab_size]
-        merged[name] = t.clone()
+        merged[name] = layout.merge(parts, name, cfg.vocab_size).clone()
     merged["cls.predictions.decoder.weight"] = merged["bert.embeddings.word_embeddings.weight"]
     merged["cls.predictions.decoder.bias"] = merged["cls.predictions.bias"]
     return merged

@@ -3,12 +3,13 @@
 What the flags and the data decide is checked before any process group exists, so a mistake
 costs seconds and one line: the DeepSpeed JSON, the data folder, the vocabulary (settled from
 the data before the model config is made), the model's fit to the TP/SP layout and sequence
-length. Then come the process groups, the data loaders, the model, the checkpointer (which
+length, and the fit of the checkpoint to resume. Then come the process groups, the data loaders, the model, the checkpointer (which
 plans a resume before the engine exists), the engine and the logger.
 """
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -19,7 +20,9 @@ import torch
 from sctd_dist import preemption
 from sctd_dist.allocator import in_use as allocator_in_use
 from sctd_dist.arguments import TrainConfig
-from sctd_dist.checkpoint import Checkpointer, RNGStreams, SavePolicy
+from sctd_dist.checkpoint import (DATA_POSITION, Checkpointer, ResumePlan, RNGStreams, SavePolicy,
+                                  check_resume)
+from sctd_dist.coordination import is_rank0
 from sctd_dist.data.dataset import PackedDataset
 from sctd_dist.data.loader import PretrainingDataLoader, ValidationDataLoader
 from sctd_dist.data.masking import MaskingConfig
@@ -29,7 +32,7 @@ from sctd_dist.flops import step_flops
 from sctd_dist.metrics import MetricsLogger
 from sctd_dist.model.config import BertModelConfig
 from sctd_dist.model.pretraining import PretrainingModel, check_layout
-from sctd_dist.parallel import MegatronMPU, ParallelContext, initialize
+from sctd_dist.parallel import MegatronMPU, ParallelContext, check_tp_size, initialize, launch_env
 from sctd_dist.parallel.kernels import sdpa_backend
 
 
@@ -59,6 +62,7 @@ def build_run(cfg: TrainConfig) -> Run:
     model_cfg = model_config(cfg, train_set.vocab_size, data_dir)
     check_layout(model_cfg, cfg.token_drop, cfg.seq_length, cfg.tensor_model_parallel_size,
                  cfg.sequence_parallel)
+    check_checkpoint_fits(cfg, model_cfg, ds_file)
     ctx = initialize(cfg.tensor_model_parallel_size, sequence_parallel=cfg.sequence_parallel, seed=cfg.seed)
     ds = prepare_ds_config(cfg, ds_file, ctx.dp_size, ctx.device.type)
     masking = MaskingConfig(whole_word_masking=cfg.whole_word_masking)
@@ -76,7 +80,8 @@ def build_run(cfg: TrainConfig) -> Run:
     checkpointer = Checkpointer(
         SavePolicy(cfg.save, cfg.save_interval, last_step=cfg.train_iters, keep_last=cfg.keep_last),
         cfg.load_dir, run_record(cfg, model_cfg, ctx, ds, data_dir),
-        {"importance": model.importance, "data": loader, "rng": RNGStreams()})
+        {"importance": model.importance, DATA_POSITION: loader, "rng": RNGStreams()},
+        tp_rank=ctx.tp_rank, dp_rank=ctx.dp_rank, keep_data_position=cfg.keep_data_position)
     engine, _, _, _ = deepspeed.initialize(
         model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
         config=checkpointer.deepspeed_config(ds), mpu=MegatronMPU(), dist_init_required=False)
@@ -88,9 +93,11 @@ def build_run(cfg: TrainConfig) -> Run:
     runtime = runtime_info(model_cfg, ctx, cfg.seq_length, precision(ds), cfg.compile)
     logger.announce(runtime)
     logger.event("start" if plan is None else "resume", step=start_step,
-                 consumed_samples=loader.consumed_samples, checkpoint=None if plan is None else plan.tag,
+                 consumed_samples=loader.consumed_samples, checkpoint=None if plan is None else plan.source_tag,
                  world_size=ctx.world_size, dp_size=ctx.dp_size, tp_size=ctx.tp_size,
                  precision=str(precision(ds)), zero_stage=zero_stage(ds), **runtime)
+    if plan is not None:
+        log_resume_changes(logger, plan, ctx, loader.consumed_samples, cfg.keep_data_position)
     flops = partial(step_flops, model_cfg, cfg.token_drop, cfg.seq_length,
                     masking.mlm_probability * cfg.seq_length, batch)
     return Run(cfg, ctx, model, engine, loader, valid_loader, checkpointer, logger, flops, start_step)
@@ -108,6 +115,44 @@ def runtime_info(model_cfg: BertModelConfig, ctx: ParallelContext, seq_length: i
     else:
         backend = sdpa_backend(1, heads, seq_length, model_cfg.head_dim, dtype, ctx.device, dropout)
     return {"allocator": allocator_in_use(), "sdpa_backend": backend, "compile": compiled}
+
+
+def check_checkpoint_fits(cfg: TrainConfig, model_cfg: BertModelConfig, ds: dict[str, Any]) -> None:
+    """Refuse a checkpoint in --load that this run cannot load, before any process group exists
+    (the layout comes from the launcher's variables)."""
+    world_size = launch_env.discover().world_size
+    tp = cfg.tensor_model_parallel_size
+    check_tp_size(tp, world_size)
+    check_resume(cfg.load_dir, {"model": model_cfg.to_dict(), "tensor_model_parallel_size": tp,
+                                "dp_size": world_size // tp, "zero_stage": zero_stage(ds)})
+
+
+def log_resume_changes(logger: MetricsLogger, plan: ResumePlan, ctx: ParallelContext,
+                       consumed_samples: int, keep_data_position: bool) -> None:
+    """A `layout_change` event when the checkpoint was saved at another TP x DP layout, and a
+    `data_switch` event when the training data changed since it was saved (each also one line
+    on stderr: a run without --log-dir says so too)."""
+    saved = plan.saved
+    if plan.layout_changed:
+        logger.event("layout_change", checkpoint=plan.source_tag,
+                     saved_tp_size=saved["tensor_model_parallel_size"], saved_dp_size=saved["dp_size"],
+                     tp_size=ctx.tp_size, dp_size=ctx.dp_size,
+                     not_preserved="per-rank RNG streams (reseeded for the new layout)")
+        _say(f"resuming {plan.source_tag}, saved at TP={saved['tensor_model_parallel_size']} x "
+             f"DP={saved['dp_size']}, at TP={ctx.tp_size} x DP={ctx.dp_size}: weights, optimizer, "
+             "schedule and importance table carried over, RNG streams reseeded")
+    if plan.data_switch:
+        logger.event("data_switch", changes=plan.data_switch, kept_position=keep_data_position,
+                     consumed_samples=consumed_samples)
+        changes = ", ".join(f"{flag} {old} -> {new}" for flag, (old, new) in plan.data_switch.items())
+        _say(f"data switch ({changes}): " + (
+            f"continuing at sample {consumed_samples} (--keep-data-position)" if keep_data_position
+            else "the new data starts at its first sample (--keep-data-position continues the old count)"))
+
+
+def _say(line: str) -> None:
+    if is_rank0():
+        print(line, file=sys.stderr, flush=True)
 
 
 def open_data(cfg: TrainConfig) -> tuple[Path, PackedDataset, PackedDataset]:

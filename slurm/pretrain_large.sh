@@ -7,9 +7,9 @@
 #
 #   sbatch slurm/pretrain_large.sh [extra sctd_dist/train.py flags, given to both phases]
 #
-# Phase 2 is a resume of phase 1 with a longer sequence (checkpoint compatibility only compares
-# parameter shapes and TP size): weights, Adam moments, the token-importance table, the step
-# counter and consumed_samples carry over. Both phases run one LR schedule over TRAIN_ITERS steps
+# Phase 2 is a resume of phase 1 with a longer sequence on other data: weights, Adam moments, the
+# token-importance table and the step counter carry over; the phase-2 data starts at its first
+# sample (a data_switch event in phase2's metrics.jsonl). Both phases run one LR schedule over TRAIN_ITERS steps
 # (--lr-decay-iters): warmup, then a linear decay that phase 1 leaves at PHASE2_ITERS/TRAIN_ITERS
 # of the peak and phase 2 continues to 0.
 # One requeue-safe job runs both phases; a requeue skips whatever is complete.

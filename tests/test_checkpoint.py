@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from sctd_dist import checkpoint
+from sctd_dist import checkpoint, reshard
 from sctd_dist.coordination import atomic_write
 
 
@@ -58,6 +58,30 @@ def test_incompatible_checkpoint_names_each_difference():
         checkpoint.check_compatible(saved, now)
     msg = str(err.value)
     assert "hidden_size: checkpoint 128, now 256" in msg
-    assert "--tensor-model-parallel-size: checkpoint 2, now 1" in msg
+    assert "tensor" not in msg  # another TP size is resharded, not refused
     assert "num_hidden_layers" not in msg
     checkpoint.check_compatible(saved, dict(saved))
+
+
+@pytest.mark.parametrize("now, changes", [
+    ({"data_path": "/data/phase1/../phase1", "seq_length": 128}, {}),  # the same folder
+    ({"data_path": "/data/phase2", "seq_length": 128}, {"--data-path": ["/data/phase1", "/data/phase2"]}),
+    ({"data_path": "/data/phase1", "seq_length": 512}, {"--seq-length": [128, 512]}),
+])
+def test_data_switch_names_what_changed(now, changes):
+    saved = {"data_path": "/data/phase1", "seq_length": 128}
+    assert checkpoint.data_switch(saved, now) == changes
+
+
+@pytest.mark.parametrize("saved_stage, stage, refused", [(1, 2, False), (2, 1, False), (3, 3, False),
+                                                         (0, 1, True), (2, 3, True), (3, 0, True)])
+def test_layout_change_across_zero_families_is_refused_in_one_line(saved_stage, stage, refused):
+    saved = {"tensor_model_parallel_size": 2, "dp_size": 1, "zero_stage": saved_stage}
+    now = {"tensor_model_parallel_size": 1, "dp_size": 2, "zero_stage": stage}
+    assert reshard.layout_changed(saved, now)
+    if not refused:
+        reshard.check_supported(saved, now)
+        return
+    with pytest.raises(ValueError, match=f"ZeRO stage {saved_stage} and this run uses stage {stage}") as err:
+        reshard.check_supported(saved, now)
+    assert "\n" not in str(err.value) and "--deepspeed_config" in str(err.value)

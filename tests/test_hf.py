@@ -67,14 +67,3 @@ def test_exported_folder_loads_in_transformers(tmp_path):
     for name, t in loaded.state_dict().items():
         assert torch.equal(t, STATE[name]), name
 
-
-def test_shard_dims_cover_every_tensor_parallel_tensor():
-    from sctd_dist.hf import shard_dim
-
-    assert shard_dim("bert.encoder.layer.3.attention.self.key.weight") == 0
-    assert shard_dim("bert.encoder.layer.3.intermediate.dense.bias") == 0
-    assert shard_dim("bert.encoder.layer.3.output.dense.weight") == 1
-    assert shard_dim("bert.encoder.layer.3.attention.output.dense.weight") == 1
-    assert shard_dim("bert.encoder.layer.3.attention.output.dense.bias") is None
-    assert shard_dim("bert.encoder.layer.3.output.LayerNorm.weight") is None
-    assert shard_dim("cls.predictions.bias") == 0

@@ -29,7 +29,8 @@ class BertEmbeddings(nn.Module):
         super().__init__()
         self.ctx = ctx
         self.word_embeddings = tp.vocab_parallel_embedding(
-            cfg.padded_vocab_size(ctx.tp_size), cfg.hidden_size, ctx, cfg.initializer_range)
+            cfg.padded_vocab_size(ctx.tp_size), cfg.hidden_size, ctx, cfg.initializer_range,
+            real_rows=cfg.vocab_size)
         self.position_embeddings = nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size)
         self.token_type_embeddings = nn.Embedding(cfg.type_vocab_size, cfg.hidden_size)
         for emb in (self.position_embeddings, self.token_type_embeddings):

@@ -76,14 +76,24 @@ def row_parallel_linear(in_features: int, out_features: int, ctx: ParallelContex
     return _without_extra_state(layer)
 
 
-def vocab_parallel_embedding(num_embeddings: int, dim: int, ctx: ParallelContext, std: float):
+def vocab_parallel_embedding(num_embeddings: int, dim: int, ctx: ParallelContext, std: float,
+                             real_rows: int | None = None):
     """Vocabulary-sharded embedding (output replicated over the TP group); a decoder tied to its
-    weight runs through `tied_decoder`."""
+    weight runs through `tied_decoder`.
+
+    `real_rows`: the unpadded vocabulary size. Only those rows are drawn at random and padding
+    rows start at zero: the padding grows with the TP size, and drawing it too would make the
+    initial model (and every draw after it) depend on the TP size."""
     from sctd_dist.parallel.tensor_parallel import VocabParallelEmbedding
 
+    rows = num_embeddings if real_rows is None else real_rows
+
+    def init(w: torch.Tensor) -> torch.Tensor:  # w: the whole padded matrix, on the CPU
+        normal_init(std)(w[:rows])
+        return w[rows:].zero_()
+
     return VocabParallelEmbedding(
-        num_embeddings, dim, init_method=normal_init(std), config=_mcore_config(ctx),
-        tp_group=ctx.tp_group,
+        num_embeddings, dim, init_method=init, config=_mcore_config(ctx), tp_group=ctx.tp_group,
     )
 
 

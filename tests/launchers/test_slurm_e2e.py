@@ -174,6 +174,12 @@ def test_large_script_two_phases_with_srun_launcher(tmp_path, data_dir):
     resume = events(p2, "resume")
     assert len(resume) == 1 and resume[0]["step"] == 4 and resume[0]["checkpoint"] == "global_step4"
     assert steps(p2) == [4, 5, 6, 7]
+    # Other data and sequence length: phase 2's data starts at its first sample, and says so.
+    (switch,) = events(p2, "data_switch")
+    assert switch["changes"] == {"--data-path": [str(short.resolve()), str(Path(data_dir).resolve())],
+                                 "--seq-length": [32, SEQ]}
+    assert resume[0]["consumed_samples"] == switch["consumed_samples"] == 0
+    assert [r["consumed_samples"] for r in p2 if r.get("step") == 4 and "loss" in r] == [4]
     # One LR schedule over all 8 steps (--lr-decay-iters): it peaks in phase 1, then one linear
     # decay in (8 - step) that phase 2 continues where phase 1 left it.
     lr = {r["step"]: r["lr"] for r in p1 + p2 if "lr" in r and "event" not in r}

@@ -47,7 +47,9 @@ def test_packed_batch_matches_explicit_all_true_mask(ctx1) -> None:
             masked = encoder(x, everyone, r, 1 if r else None).hidden
             unmasked = encoder(x, None, r, 1 if r else None).hidden
             torch.testing.assert_close(unmasked, masked, rtol=1e-5, atol=1e-5)
-        # The model itself drops the mask only when nothing is padded.
-        full = model(**batch).loss
+        # The model itself drops the mask only when nothing is padded: with padding, the padded
+        # (last) row's output moves and the others' stay.
+        full = model(**batch, return_cls=True).cls_final
         padded = dict(batch, attention_mask=make_batch()["attention_mask"])
-        assert not torch.isclose(full, model(**padded).loss)
+        moved = (model(**padded, return_cls=True).cls_final - full).abs().amax(dim=1)
+        assert moved[-1] > 1e-3 and bool((moved[:-1] < 1e-5).all()), moved

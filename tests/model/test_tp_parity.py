@@ -176,3 +176,26 @@ def test_reference_gradients_are_nonzero(reference):
 def test_dropping_changes_the_result(reference):
     # Guards against a router that silently keeps everything.
     assert not torch.allclose(reference[(False, None, 1)]["loss"], reference[(False, 0.5, 1)]["loss"])
+
+
+def initial_model(rank: int, world: int, tp: int, cfg):
+    """The whole (TP-merged) model a fresh run starts from, built at TP size `tp`."""
+    from sctd_dist.hf import gather_hf_state_dict
+    from sctd_dist.model.bert import BertForMaskedLM
+    from sctd_dist.parallel import initialize
+
+    model = BertForMaskedLM(cfg, initialize(tp, seed=5))
+    padding = model.bert.embeddings.word_embeddings.weight[max(0, cfg.vocab_size - model.vocab_start):]
+    return gather_hf_state_dict(model), bool((padding == 0).all())
+
+
+def test_same_seed_same_initial_model_at_every_tp_size():
+    """The vocabulary (300) pads to 384 rows at TP=1 and 512 at TP=2: only the real rows are
+    drawn at random, so the padding cannot shift what is drawn after the embedding."""
+    ref, ref_padding_zero = run_ranks(initial_model, 1, 1, CFG2)[0]
+    tp2 = run_ranks(initial_model, 2, 2, CFG2)
+    merged = tp2[0][0]
+    assert ref_padding_zero and all(zero for _, zero in tp2)  # padding rows start at zero
+    assert set(merged) == set(ref)
+    for name, t in ref.items():
+        assert torch.equal(merged[name], t), name

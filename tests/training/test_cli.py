@@ -69,3 +69,29 @@ def test_heads_not_divisible_by_tp(tmp_path):
                              "MASTER_PORT": "1"})
     assert p.returncode == 2
     assert "num_attention_heads 12 is not divisible by --tensor-model-parallel-size 5" in p.stderr
+
+
+@pytest.mark.parametrize("saved_change, needle", [
+    ({"zero_stage": 3}, "saved with ZeRO stage 3 and this run uses stage 1"),  # and another layout
+    ({"model": {"hidden_size": 64}}, "hidden_size: checkpoint 64, now 128"),
+])
+def test_checkpoint_that_cannot_resume_is_refused_before_any_work(tmp_path, data_dir, saved_change, needle):
+    """A checkpoint saved at TP=2 x DP=1 resumes at TP=1 x DP=1 unless something else forbids
+    it; then one line says what, before any process group or model is made."""
+    from sctd_dist import checkpoint
+    from sctd_dist.data.dataset import PackedDataset
+    from sctd_dist.model.config import BertModelConfig
+
+    model = BertModelConfig.from_preset("tiny", vocab_size=PackedDataset(data_dir).vocab_size).to_dict()
+    assert model["hidden_size"] == 128
+    record = {"step": 4, "model": model, "tensor_model_parallel_size": 2, "dp_size": 1, "world_size": 2,
+              "zero_stage": 1}
+    record.update({k: {**record[k], **v} if isinstance(v, dict) else v for k, v in saved_change.items()})
+    folder = tmp_path / "ckpt" / checkpoint.tag_for(4)
+    folder.mkdir(parents=True)
+    (folder / checkpoint.RUN_FILE).write_text(json.dumps(record))
+    (tmp_path / "ckpt" / checkpoint.LATEST).write_text(folder.name)
+    p = run_train("--data-path", str(data_dir), "--seq-length", "64", "--load", str(tmp_path / "ckpt"))
+    assert p.returncode == 2, p.stderr[-3000:]
+    assert needle in p.stderr and "Traceback" not in p.stderr
+    assert not (tmp_path / "ckpt" / "resharded").exists()  # nothing was converted

@@ -109,7 +109,7 @@ def test_sigterm_saves_at_the_step_boundary_and_exits_zero(data_dir, tmp_path):
 
 
 def test_resume_on_a_different_data_parallel_size(data_dir, tmp_path):
-    """Saved at DP=2, resumed at DP=1 through DeepSpeed's universal checkpoint (ZeRO-2).
+    """Saved at DP=2, resumed at DP=1 (ZeRO-2): converted for the new layout, which the run logs.
 
     Dropout is off here: the new layout has fresh RNG streams, and without dropout the only
     difference left is the order of the gradient reduction, so the resumed losses must follow
@@ -121,10 +121,16 @@ def test_resume_on_a_different_data_parallel_size(data_dir, tmp_path):
     ref = launch.losses(tmp_path / "two" / "logs")
     shutil.copytree(tmp_path / "two" / "ckpt" / "global_step6", tmp_path / "one" / "ckpt" / "global_step6")
     (tmp_path / "one" / "ckpt" / checkpoint.LATEST).write_text("global_step6")
-    launch.train(1, *job_args(tmp_path, data_dir, 2, "tp1dp2", "one", *extra))
-    got = launch.losses(tmp_path / "one" / "logs")
-    resume = launch.events(tmp_path / "one" / "logs", "resume")[0]
+    proc = launch.train(1, *job_args(tmp_path, data_dir, 2, "tp1dp2", "one", *extra))
+    assert "resuming global_step6, saved at TP=1 x DP=2, at TP=1 x DP=1" in proc.stderr
+    logs = tmp_path / "one" / "logs"
+    got = launch.losses(logs)
+    resume = launch.events(logs, "resume")[0]
     assert resume["consumed_samples"] == 48 and resume["dp_size"] == 1
+    (moved,) = launch.events(logs, "layout_change")
+    assert (moved["saved_dp_size"], moved["dp_size"], moved["saved_tp_size"], moved["tp_size"]) == (2, 1, 1, 1)
+    assert "RNG" in moved["not_preserved"]
+    assert not launch.events(logs, "data_switch")
     assert sorted(got) == list(range(6, STEPS))
     for s in got:
         assert abs(got[s] - ref[s]) < 1e-4 * abs(ref[s]), (s, got[s], ref[s])
