@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
+from sctd_dist.checkpoint import check_writable
 from sctd_dist.flags import add_flags, flag, from_flags
 from sctd_dist.model.config import PRESETS, TokenDropConfig
 
@@ -57,6 +58,9 @@ class TrainConfig:
                                      group=_OUTPUT)
     load: Path | None = flag(None, "default: --save (resume from its newest checkpoint)", group=_OUTPUT)
     keep_last: int | None = flag(None, "keep only the N newest checkpoints", group=_OUTPUT)
+    on_bad_checkpoint: str = flag("fallback", "when the checkpoint to resume fails to verify (a file "
+                                  "missing, truncated or garbled): resume the newest one that verifies, "
+                                  "or stop", choices=("fallback", "stop"), group=_OUTPUT)
     log_dir: Path | None = flag(None, "metrics.jsonl and TensorBoard events", group=_OUTPUT)
     progress: bool = flag(True, "no progress bar", name="--no-progress", group=_OUTPUT)
 
@@ -86,6 +90,8 @@ class TrainConfig:
             raise ValueError(f"--save-interval must be >= 1, got {self.save_interval}")
         if self.save_interval is not None and self.save is None:
             raise ValueError("--save-interval needs --save DIR")
+        if self.save is not None:
+            check_writable(Path(self.save))
         if self.keep_last is not None and self.keep_last < 1:
             raise ValueError(f"--keep-last must be >= 1, got {self.keep_last}")
         if self.sequence_parallel and self.tensor_model_parallel_size == 1:

@@ -70,7 +70,8 @@ def build_run(cfg: TrainConfig) -> Run:
     checkpointer = Checkpointer(
         SavePolicy(cfg.save, cfg.save_interval, last_step=cfg.train_iters, keep_last=cfg.keep_last),
         cfg.load_dir, run_record(cfg, model_cfg, ctx, ds, data_dir),
-        {"importance": model.importance, "data": loader, "rng": RNGStreams()})
+        {"importance": model.importance, "data": loader, "rng": RNGStreams()},
+        on_bad=cfg.on_bad_checkpoint, checkpoint_bytes=checkpoint_bytes(model, ctx))
     engine, _, _, _ = deepspeed.initialize(
         model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
         config=checkpointer.deepspeed_config(ds), mpu=MegatronMPU(), dist_init_required=False)
@@ -79,6 +80,8 @@ def build_run(cfg: TrainConfig) -> Run:
                            tokens_per_step=batch * cfg.seq_length, micro_batches=loader.grad_accum,
                            total_steps=cfg.train_iters, start_step=start_step, progress=cfg.progress)
     plan = checkpointer.plan
+    for line in () if plan is None else plan.warnings:
+        logger.event("checkpoint_warning", message=line)
     logger.event("start" if plan is None else "resume", step=start_step,
                  consumed_samples=loader.consumed_samples, checkpoint=None if plan is None else plan.tag,
                  world_size=ctx.world_size, dp_size=ctx.dp_size, tp_size=ctx.tp_size,
@@ -130,6 +133,14 @@ def prepare_ds_config(cfg: TrainConfig, ds: dict[str, Any], dp_size: int, device
         ds.setdefault("optimizer", {}).setdefault("params", {})["lr"] = cfg.lr
     validate_with_deepspeed(ds, dp_size)
     return ds
+
+
+def checkpoint_bytes(model: PretrainingModel, ctx: ParallelContext) -> int:
+    """About the size of one checkpoint of a new run, all ranks together: per parameter the
+    weight and, for Adam, an fp32 master copy and two moments (16 bytes, whatever the ZeRO
+    stage: the stages partition these, they do not shrink them)."""
+    params = sum(p.numel() for p in model.parameters())
+    return 16 * params * ctx.tp_size
 
 
 def run_record(cfg: TrainConfig, model_cfg: BertModelConfig, ctx: ParallelContext,
