@@ -473,9 +473,10 @@ class Checkpointer:
         barrier()
         pointer = folder.parent / LATEST
         previous = pointer.read_text().strip() if pointer.is_file() else "no checkpoint"
-        raise CheckpointError(f"saving {folder} failed ({errors[0]}); removed the partial folder, "
-                              f"{pointer} still names {previous}: free space or fix the folder, then "
-                              "rerun to resume from there")
+        free = shutil.disk_usage(folder.parent).free / 2**20
+        raise CheckpointError(f"saving {folder} failed ({errors[0]}; {free:.1f} MiB free there); removed "
+                              f"the partial folder, {pointer} still names {previous}: free space or fix "
+                              "the folder, then rerun to resume from there")
 
     def _read(self, plan: ResumePlan) -> int:
         """Load `plan` into the engine and the stateful objects; returns its step. Per-rank

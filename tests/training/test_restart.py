@@ -7,6 +7,8 @@ and ScTD token dropping, in fp32 so restarted losses must equal uninterrupted on
 from __future__ import annotations
 
 import shutil
+import subprocess
+import sys
 import signal
 
 import pytest
@@ -199,3 +201,27 @@ def test_restart_without_latest_over_a_truncated_checkpoint(straight_runs, data_
     assert (ckpt / checkpoint.LATEST).read_text() == "global_step12"
     assert checkpoint.verify(ckpt, "global_step12")["step"] == 12  # replaced by a whole one
     assert (ckpt / "global_step6" / "mp_rank_00_model_states.pt").read_bytes() == good
+
+
+def test_disk_full_during_a_save_keeps_the_last_checkpoint(data_dir, tmp_path):
+    """A 48 MiB disk holds one 31 MiB checkpoint (step 2), not two: the step-4 save fails loudly,
+    leaves no partial folder and `latest` on step 2; a rerun is refused before training."""
+    from tests.mounts import tmpfs
+
+    with tmpfs(tmp_path / "disk", "48m") as disk:
+        args = ["--data-path", str(data_dir), "--seq-length", str(SEQ), "--train-iters", "4",
+                "--global-batch-size", "2", "--micro-batch-size", "2", "--eval-iters", "0",
+                "--save", str(disk / "ckpt"), "--save-interval", "2", "--no-progress",
+                "--deepspeed_config", str(launch.fp32_config("zero2_bf16.json", tmp_path / "z2.json"))]
+        proc = subprocess.run([sys.executable, "-m", "sctd_dist.train", *args], cwd=launch.REPO,
+                              env=launch.env(), capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 2
+        assert f"saving {disk / 'ckpt' / 'global_step4'} failed (" in proc.stderr
+        assert f"{disk / 'ckpt' / 'latest'} still names global_step2" in proc.stderr
+        assert "Traceback" not in proc.stderr
+        assert sorted(p.name for p in (disk / "ckpt").iterdir() if p.is_dir()) == ["global_step2"]
+        assert checkpoint.verify(disk / "ckpt", "global_step2")["step"] == 2
+        again = subprocess.run([sys.executable, "-m", "sctd_dist.train", *args], cwd=launch.REPO,
+                               env=launch.env(), capture_output=True, text=True, timeout=300)
+        assert again.returncode == 2 and "MiB free, but a checkpoint of this run takes about" in again.stderr
+        assert (disk / "ckpt" / "latest").read_text() == "global_step2"
