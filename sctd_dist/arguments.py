@@ -15,6 +15,7 @@ from typing import Any, Sequence
 from sctd_dist.checkpoint import check_writable
 from sctd_dist.flags import add_flags, flag, from_flags
 from sctd_dist.model.config import PRESETS, TokenDropConfig
+from sctd_dist.typed import check_types
 
 DEFAULT_DS_CONFIG = Path(__file__).resolve().parent.parent / "ds_configs" / "cpu_tiny.json"
 
@@ -69,6 +70,7 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Raise ValueError naming the flag to change."""
+        check_types(self)
         if self.model_config is not None and not Path(self.model_config).is_file():
             raise ValueError(f"--model-config {self.model_config} does not exist")
         if self.data_path is not None and not Path(self.data_path).is_dir():
@@ -84,6 +86,8 @@ class TrainConfig:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if self.lr_decay_iters is not None and self.lr_decay_iters < 1:
             raise ValueError(f"--lr-decay-iters must be >= 1, got {self.lr_decay_iters}")
+        if self.lr is not None and self.lr <= 0:
+            raise ValueError(f"--lr must be > 0, got {self.lr}")
         if self.eval_iters < 0:
             raise ValueError(f"--eval-iters must be >= 0, got {self.eval_iters}")
         if self.save_interval is not None and self.save_interval < 1:
