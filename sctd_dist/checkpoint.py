@@ -251,19 +251,41 @@ def prune(save_dir: Path, keep_last: int) -> list[Path]:
     return doomed
 
 
-def check_compatible(saved: dict[str, Any], current: dict[str, Any]) -> None:
-    """Raise ValueError naming every difference that makes the checkpoint unloadable."""
-    diffs = []
+def compare_records(saved: dict[str, Any], current: dict[str, Any]) -> tuple[list[str], list[dict[str, Any]]]:
+    """What differs between a checkpoint's run record and this run's: (refusals, events).
+
+    A refusal makes the checkpoint unusable here (shapes, TP size, the tokenizer: token ids would
+    mean other words). An event is a deliberate change the run continues with, logged as such
+    (token dropping settings, the global batch). Records written before a field existed skip it.
+    """
+    refusals: list[str] = []
+    events: list[dict[str, Any]] = []
     for f in SHAPE_FIELDS:
         a, b = saved["model"].get(f), current["model"].get(f)
         if a != b:
-            diffs.append(f"{f}: checkpoint {a}, now {b}")
+            refusals.append(f"{f}: checkpoint {a}, now {b}")
     if saved["tensor_model_parallel_size"] != current["tensor_model_parallel_size"]:
-        diffs.append(f"--tensor-model-parallel-size: checkpoint {saved['tensor_model_parallel_size']}, "
-                     f"now {current['tensor_model_parallel_size']}")
-    if diffs:
-        raise ValueError("checkpoint does not fit this run (" + "; ".join(diffs) + "); restart with "
+        refusals.append(f"--tensor-model-parallel-size: checkpoint {saved['tensor_model_parallel_size']}, "
+                        f"now {current['tensor_model_parallel_size']}")
+    a, b = saved.get("tokenizer_fingerprint"), current.get("tokenizer_fingerprint")
+    if a is not None and b is not None and a != b:
+        refusals.append(f"the --data-path tokenizer: checkpoint fingerprint {a}, now {b} (the same ids "
+                        "would mean other tokens; use data prepared with the checkpoint's tokenizer)")
+    for key, kind in (("token_drop", "token_drop_change"), ("global_batch_size", "global_batch_change")):
+        a, b = saved.get(key), current.get(key)
+        if a is not None and b is not None and a != b:
+            events.append({"event": kind, "checkpoint": a, "now": b})
+    return refusals, events
+
+
+def check_compatible(saved: dict[str, Any], current: dict[str, Any]) -> list[dict[str, Any]]:
+    """Raise ValueError naming every difference that makes the checkpoint unusable here; return
+    the changes the run continues with (see `compare_records`)."""
+    refusals, events = compare_records(saved, current)
+    if refusals:
+        raise ValueError("checkpoint does not fit this run (" + "; ".join(refusals) + "); restart with "
                          "the checkpoint's values or point --load/--save at a new folder")
+    return events
 
 
 @dataclass(frozen=True)
@@ -275,6 +297,7 @@ class ResumePlan:
     saved: dict[str, Any]  # the run record of the checkpoint
     universal: bool  # ZeRO shards are re-partitioned for a new data-parallel size
     warnings: tuple[str, ...] = ()  # what the restart passed over to get here, one line each
+    changes: tuple[dict[str, Any], ...] = ()  # settings that differ from the checkpoint's, as events
 
 
 def choose_checkpoint(load_dir: Path | None, on_bad: str = "fallback") -> tuple[str, dict, list[str]] | None:
@@ -305,11 +328,15 @@ def plan_resume(load_dir: Path | None, current: dict[str, Any], on_bad: str = "f
     if is_rank0():
         for line in warnings:
             print(f"warning: {line}", file=sys.stderr, flush=True)
-    check_compatible(saved, current)
+    changes = check_compatible(saved, current)
+    if is_rank0():
+        for change in changes:
+            print(f"note: {change['event']}: {change['checkpoint']} in the checkpoint, {change['now']} now",
+                  file=sys.stderr, flush=True)
     universal = saved["world_size"] != current["world_size"] and saved["zero_stage"] > 0
     load_tag = to_universal(Path(load_dir), tag) if universal else tag
     return ResumePlan(tag=load_tag, source_tag=tag, saved=saved, universal=universal,
-                      warnings=tuple(warnings))
+                      warnings=tuple(warnings), changes=tuple(changes))
 
 
 def to_universal(load_dir: Path, tag: str) -> str:

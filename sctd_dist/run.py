@@ -69,7 +69,7 @@ def build_run(cfg: TrainConfig) -> Run:
     model.to(ctx.device)
     checkpointer = Checkpointer(
         SavePolicy(cfg.save, cfg.save_interval, last_step=cfg.train_iters, keep_last=cfg.keep_last),
-        cfg.load_dir, run_record(cfg, model_cfg, ctx, ds, data_dir),
+        cfg.load_dir, run_record(cfg, model_cfg, ctx, ds, data_dir, train_set),
         {"importance": model.importance, "data": loader, "rng": RNGStreams()},
         on_bad=cfg.on_bad_checkpoint, checkpoint_bytes=checkpoint_bytes(model, ctx))
     engine, _, _, _ = deepspeed.initialize(
@@ -82,6 +82,8 @@ def build_run(cfg: TrainConfig) -> Run:
     plan = checkpointer.plan
     for line in () if plan is None else plan.warnings:
         logger.event("checkpoint_warning", message=line)
+    for change in () if plan is None else plan.changes:
+        logger.event(change["event"], step=start_step, checkpoint=change["checkpoint"], now=change["now"])
     logger.event("start" if plan is None else "resume", step=start_step,
                  consumed_samples=loader.consumed_samples, checkpoint=None if plan is None else plan.tag,
                  world_size=ctx.world_size, dp_size=ctx.dp_size, tp_size=ctx.tp_size,
@@ -144,14 +146,15 @@ def checkpoint_bytes(model: PretrainingModel, ctx: ParallelContext) -> int:
 
 
 def run_record(cfg: TrainConfig, model_cfg: BertModelConfig, ctx: ParallelContext,
-               ds: dict[str, Any], data_dir: Path) -> dict[str, Any]:
+               ds: dict[str, Any], data_dir: Path, train_set: PackedDataset) -> dict[str, Any]:
     """What a checkpoint records about the run (compared on resume; the step is added at save)."""
     return {
         "model": model_cfg.to_dict(),
         "tensor_model_parallel_size": ctx.tp_size, "sequence_parallel": ctx.sequence_parallel,
         "world_size": ctx.world_size, "dp_size": ctx.dp_size, "zero_stage": zero_stage(ds),
         "global_batch_size": ds["train_batch_size"], "seq_length": cfg.seq_length,
-        "token_drop": vars(cfg.token_drop).copy(), "data_path": str(data_dir),
+        "token_drop": vars(cfg.token_drop).copy(), "data_path": str(Path(data_dir).resolve()),
+        "tokenizer_fingerprint": train_set.metadata["tokenizer"]["fingerprint"],
         "train_config": cfg.to_dict(),
     }
 

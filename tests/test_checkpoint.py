@@ -125,3 +125,28 @@ def test_crafted_rng_file_is_refused_not_executed(tmp_path):
                        "checkpoint data"):
         checkpoint.load_state_file(path)
     assert not marker.exists()
+
+
+def _record(**changes):
+    record = {"model": {"hidden_size": 128}, "tensor_model_parallel_size": 1, "global_batch_size": 8,
+              "token_drop": {"mode": "sctd", "keep_ratio": 0.5}, "tokenizer_fingerprint": "abc"}
+    return {**record, **changes}
+
+
+def test_another_tokenizer_is_refused():
+    with pytest.raises(ValueError, match="the --data-path tokenizer: checkpoint fingerprint abc, now xyz"):
+        checkpoint.check_compatible(_record(), _record(tokenizer_fingerprint="xyz"))
+    old = _record()
+    del old["tokenizer_fingerprint"]  # a checkpoint from before fingerprints were recorded
+    assert checkpoint.compare_records(old, _record(tokenizer_fingerprint="xyz")) == ([], [])
+
+
+def test_token_dropping_and_batch_changes_are_events():
+    now = _record(global_batch_size=16, token_drop={"mode": "none", "keep_ratio": 0.5})
+    refusals, events = checkpoint.compare_records(_record(), now)
+    assert refusals == []
+    assert events == [
+        {"event": "token_drop_change", "checkpoint": {"mode": "sctd", "keep_ratio": 0.5},
+         "now": {"mode": "none", "keep_ratio": 0.5}},
+        {"event": "global_batch_change", "checkpoint": 8, "now": 16}]
+    assert checkpoint.check_compatible(_record(), _record()) == []
