@@ -9,6 +9,7 @@ plans a resume before the engine exists), the engine and the logger.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -38,7 +39,7 @@ class Run:
     model: PretrainingModel
     engine: Any  # deepspeed.DeepSpeedEngine wrapping `model`
     loader: PretrainingDataLoader  # also the run's data position
-    valid_loader: ValidationDataLoader
+    valid_loader: ValidationDataLoader | None  # None: the validation split is empty (--eval-iters 0)
     checkpointer: Checkpointer
     logger: MetricsLogger
     step_flops: Callable[[int], float]  # model FLOPs of optimizer step `step`, all ranks together
@@ -61,8 +62,9 @@ def build_run(cfg: TrainConfig) -> Run:
     batch, micro = ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"]
     loader = PretrainingDataLoader(train_set, global_batch_size=batch, micro_batch_size=micro,
                                    dp_rank=ctx.dp_rank, dp_size=ctx.dp_size, seed=cfg.seed, masking=masking)
-    valid_loader = ValidationDataLoader(valid_set, micro_batch_size=micro, dp_rank=ctx.dp_rank,
-                                        dp_size=ctx.dp_size, seed=cfg.seed, masking=masking)
+    valid_loader = None if len(valid_set) == 0 else ValidationDataLoader(
+        valid_set, micro_batch_size=micro, dp_rank=ctx.dp_rank, dp_size=ctx.dp_size, seed=cfg.seed,
+        masking=masking)
     model = PretrainingModel(model_cfg, cfg.token_drop, train_set.special_ids, ctx)
     if cfg.init_hf is not None:
         _load_hf_weights(model, cfg.init_hf)
@@ -109,6 +111,12 @@ def open_data(cfg: TrainConfig) -> tuple[Path, PackedDataset, PackedDataset]:
         raise ValueError(f"--data-path {data_dir} holds sequences of {train.seq_length} tokens but "
                          f"--seq-length is {cfg.seq_length}; prepare the data at that length or "
                          f"pass --seq-length {train.seq_length}")
+    if len(valid) == 0:
+        message = f"the validation split of {data_dir} is empty"
+        if cfg.eval_iters:
+            raise ValueError(f"{message}; prepare it with a larger --validation-fraction, or pass "
+                             "--eval-iters 0 to train without evaluation")
+        print(f"warning: {message}; training without evaluation (--eval-iters 0)", file=sys.stderr)
     return Path(data_dir), train, valid
 
 

@@ -99,6 +99,16 @@ def _garbled_metadata(tmp, data_dir):
     return ["--data-path", str(copy)]
 
 
+def _no_validation(tmp, data_dir):
+    import shutil
+
+    copy = shutil.copytree(data_dir, tmp / "data")
+    meta = json.loads((copy / "metadata.json").read_text())
+    meta["splits"]["validation"]["shards"] = []  # as from a corpus of one long document
+    (copy / "metadata.json").write_text(json.dumps(meta))
+    return copy
+
+
 BAD_INPUTS = {
     "nan flag": (lambda t, d: ["--sctd-weight", "nan"], "--sctd-weight: 'nan' is not a finite number"),
     "inf lr": (lambda t, d: ["--lr", "inf"], "--lr: 'inf' is not a finite number"),
@@ -122,6 +132,8 @@ BAD_INPUTS = {
                           "gradient_clipping must be a number >= 0, got -5"),
     "save is a file": (lambda t, d: ["--save", str(t / "file")], "is a file, not a folder"),
     "garbled metadata": (_garbled_metadata, "metadata.json is not valid JSON"),
+    "no validation rows": (lambda t, d: ["--data-path", str(_no_validation(t, d))],
+                           "is empty; prepare it with a larger --validation-fraction, or pass --eval-iters 0"),
 }
 
 
@@ -161,3 +173,14 @@ def test_read_only_save_is_refused_at_start(tmp_path, data_dir, capsys):
             main(["--data-path", str(data_dir), "--seq-length", "64", "--save", str(ro / "ckpt")])
     err = capsys.readouterr().err
     assert exc.value.code == 2 and f"--save {ro / 'ckpt'} is not writable" in err and "Read-only" in err
+
+
+def test_empty_validation_split_is_a_warning_without_evaluation(tmp_path, data_dir, capsys):
+    from sctd_dist.arguments import parse_args
+    from sctd_dist.run import open_data
+
+    data = _no_validation(tmp_path, data_dir)
+    _, train, valid = open_data(parse_args(["--data-path", str(data), "--seq-length", "64",
+                                            "--eval-iters", "0"]))
+    assert len(train) > 0 and len(valid) == 0
+    assert f"warning: the validation split of {data} is empty" in capsys.readouterr().err
