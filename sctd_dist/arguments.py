@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from sctd_dist.checkpoint import check_writable
+from sctd_dist.checkpoint import ON_BAD, check_writable
 from sctd_dist.flags import add_flags, flag, from_flags
 from sctd_dist.model.config import PRESETS, TokenDropConfig
 from sctd_dist.typed import check_types
@@ -61,7 +61,7 @@ class TrainConfig:
     keep_last: int | None = flag(None, "keep only the N newest checkpoints", group=_OUTPUT)
     on_bad_checkpoint: str = flag("fallback", "when the checkpoint to resume fails to verify (a file "
                                   "missing, truncated or garbled): resume the newest one that verifies, "
-                                  "or stop", choices=("fallback", "stop"), group=_OUTPUT)
+                                  "or stop", choices=ON_BAD, group=_OUTPUT)
     log_dir: Path | None = flag(None, "metrics.jsonl and TensorBoard events", group=_OUTPUT)
     progress: bool = flag(True, "no progress bar", name="--no-progress", group=_OUTPUT)
 

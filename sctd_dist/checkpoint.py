@@ -8,14 +8,19 @@ One `Checkpointer` per run owns the three questions:
   run's other stateful objects, each with `state_dict()` / `load_state_dict()`: the importance
   table and the data position are the same on every rank (rank 0 writes them once, to
   `sctd_state.pt`), the RNG streams differ per rank (`rng_rank{R}.pt`);
-* how to resume (`ResumePlan`): the newest complete checkpoint, checked against this run, and
-  converted once to DeepSpeed's universal format when the data-parallel size changed.
+* how to resume (`ResumePlan`): the checkpoint `latest` names (the newest complete one when the
+  pointer is gone), verified against the sizes and CRC-32s its run record lists (else the next
+  older one that verifies, or stop: --on-bad-checkpoint), compared with this run, and converted
+  once to DeepSpeed's universal format when the data-parallel size changed.
 
 A checkpoint is written in one place (`Checkpointer._write`) and read in one place
 (`plan_resume` decides, `Checkpointer._read` loads). Beside DeepSpeed's files a folder holds
-`sctd_run.json` (what was trained: shapes, layout, step). The `latest` pointer is ours: rank 0
-moves it atomically only after every rank has finished writing (DeepSpeed's own pointer can move
-before the other ranks' shards are on disk).
+`sctd_run.json` (what was trained: shapes, layout, step, the checksums of the other files). The
+`latest` pointer is ours: rank 0 moves it atomically only after every rank has finished writing
+(DeepSpeed's own pointer can move before the other ranks' shards are on disk); a failed save
+removes its folder and leaves the pointer alone. Our own files load as data only
+(`weights_only=True`); DeepSpeed's are unpickled by DeepSpeed, so a checkpoint folder must be
+as trusted as the code (see the README).
 """
 
 from __future__ import annotations
@@ -205,9 +210,13 @@ def _checksum(path: Path) -> list[int]:
     return [path.stat().st_size, crc]
 
 
+def checksums_of(folder: Path, names: list[str]) -> dict[str, list[int]]:
+    """`{name: [size, CRC-32]}` of the named files of `folder`, each file read by one rank."""
+    return spread(lambda name: _checksum(folder / name), names)
+
+
 def checksums(folder: Path) -> dict[str, list[int]]:
-    """`{file name: [size, CRC-32]}` of every file of a checkpoint but its run record, each file
-    read by one rank."""
+    """`checksums_of` every file of a checkpoint folder but its run record."""
     return checksums_of(folder, sorted(str(p.relative_to(folder)) for p in folder.rglob("*")
                                        if p.is_file() and p.name != RUN_FILE))
 
@@ -232,11 +241,6 @@ def verify(load_dir: Path, tag: str) -> dict[str, Any]:
         if crc != saved_crc:
             raise CheckpointError(f"{folder / name} is corrupt (its checksum differs from the saved one)")
     return record
-
-
-def checksums_of(folder: Path, names: list[str]) -> dict[str, list[int]]:
-    """`checksums` of the given files only."""
-    return spread(lambda name: _checksum(folder / name), names)
 
 
 def prune(save_dir: Path, keep_last: int) -> list[Path]:
