@@ -12,8 +12,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
+from sctd_dist.checkpoint import ON_BAD, check_writable
 from sctd_dist.flags import add_flags, flag, from_flags
 from sctd_dist.model.config import PRESETS, TokenDropConfig
+from sctd_dist.typed import check_types
 
 DEFAULT_DS_CONFIG = Path(__file__).resolve().parent.parent / "ds_configs" / "cpu_tiny.json"
 
@@ -61,6 +63,9 @@ class TrainConfig:
                                     "at the checkpoint's sample count instead of the new data's first "
                                     "sample", group=_OUTPUT)
     keep_last: int | None = flag(None, "keep only the N newest checkpoints", group=_OUTPUT)
+    on_bad_checkpoint: str = flag("fallback", "when the checkpoint to resume fails to verify (a file "
+                                  "missing, truncated or garbled): resume the newest one that verifies, "
+                                  "or stop", choices=ON_BAD, group=_OUTPUT)
     log_dir: Path | None = flag(None, "metrics.jsonl and TensorBoard events", group=_OUTPUT)
     progress: bool = flag(True, "no progress bar", name="--no-progress", group=_OUTPUT)
 
@@ -69,6 +74,7 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Raise ValueError naming the flag to change."""
+        check_types(self)
         if self.model_config is not None and not Path(self.model_config).is_file():
             raise ValueError(f"--model-config {self.model_config} does not exist")
         if self.data_path is not None and not Path(self.data_path).is_dir():
@@ -84,12 +90,16 @@ class TrainConfig:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if self.lr_decay_iters is not None and self.lr_decay_iters < 1:
             raise ValueError(f"--lr-decay-iters must be >= 1, got {self.lr_decay_iters}")
+        if self.lr is not None and self.lr <= 0:
+            raise ValueError(f"--lr must be > 0, got {self.lr}")
         if self.eval_iters < 0:
             raise ValueError(f"--eval-iters must be >= 0, got {self.eval_iters}")
         if self.save_interval is not None and self.save_interval < 1:
             raise ValueError(f"--save-interval must be >= 1, got {self.save_interval}")
         if self.save_interval is not None and self.save is None:
             raise ValueError("--save-interval needs --save DIR")
+        if self.save is not None:
+            check_writable(Path(self.save))
         if self.keep_last is not None and self.keep_last < 1:
             raise ValueError(f"--keep-last must be >= 1, got {self.keep_last}")
         if self.sequence_parallel and self.tensor_model_parallel_size == 1:

@@ -73,3 +73,32 @@ def atomic_write(path: str | Path, data: str | bytes) -> Path:
     finally:
         os.close(folder)
     return path
+
+
+def spread(fn: Callable[[T], Any], items: list[T]) -> dict[T, Any]:
+    """`{item: fn(item)}` for every item, each computed on one rank (round robin) and shared
+    with all: for per-file work such as checksums, which no rank should do alone."""
+    mine = {item: fn(item) for i, item in enumerate(items) if i % world_size() == rank()}
+    dist = _dist()
+    if dist is None:
+        return mine
+    parts: list[Any] = [None] * world_size()
+    dist.all_gather_object(parts, mine)
+    return {k: v for part in parts for k, v in part.items()}
+
+
+def rank0_decides(fn: Callable[[], T]) -> T:
+    """Run `fn` on rank 0 only and give every rank its result, or raise its error on every rank
+    (the same ValueError message): for checks of shared files that one process should make."""
+    outcome: list[Any] = [None, None]
+    if is_rank0():
+        try:
+            outcome = [fn(), None]
+        except ValueError as exc:
+            outcome = [None, exc]
+    dist = _dist()
+    if dist is not None:
+        dist.broadcast_object_list(outcome, src=0)
+    if outcome[1] is not None:
+        raise outcome[1]
+    return outcome[0]

@@ -25,6 +25,8 @@ from typing import Any, Callable
 
 import torch
 
+from sctd_dist.typed import finite, nonfinite_numbers
+
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "ds_configs"
 
 # Warmup when neither the caller nor the config names one: 1% of the run (BERT used 10k of 1M).
@@ -134,7 +136,40 @@ def load_ds_config(path: str | Path) -> dict[str, Any]:
         raise ValueError(f"--deepspeed_config {path} has \"auto\" values at {auto}: that placeholder is "
                          "filled by the Hugging Face Trainer only; write numbers (batch sizes come "
                          "from --micro-batch-size / --global-batch-size)")
+    check_values(cfg, f"--deepspeed_config {path}")
     return cfg
+
+
+# Numbers DeepSpeed passes on to torch unchecked: (key, lowest allowed, lowest excluded?).
+_NUMBERS = (("gradient_clipping", 0.0, False), ("optimizer.params.lr", 0.0, True),
+            ("optimizer.params.eps", 0.0, True), ("optimizer.params.weight_decay", 0.0, False))
+
+
+def _at(cfg: dict[str, Any], key: str) -> tuple[bool, Any]:
+    node: Any = cfg
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return False, None
+        node = node[part]
+    return True, node
+
+
+def check_values(cfg: dict[str, Any], source: str = "the DeepSpeed config") -> None:
+    """Raise ValueError naming the key of the first value that cannot mean anything: a NaN or
+    infinite number anywhere, a clipping norm, learning rate, eps or weight decay that is not a
+    number or is negative, Adam betas that are not two numbers in [0, 1)."""
+    bad = nonfinite_numbers(cfg)
+    if bad:
+        raise ValueError(f"{source}: {bad[0]} is not a finite number; write one")
+    for key, low, strict in _NUMBERS:
+        present, value = _at(cfg, key)
+        if present and not (finite(value) and (value > low if strict else value >= low)):
+            raise ValueError(f"{source}: {key} must be a number {'>' if strict else '>='} {low:g}, "
+                             f"got {value!r}")
+    present, betas = _at(cfg, "optimizer.params.betas")
+    if present and not (isinstance(betas, list) and len(betas) == 2
+                        and all(finite(b) and 0 <= b < 1 for b in betas)):
+        raise ValueError(f"{source}: optimizer.params.betas must be two numbers in [0, 1), got {betas!r}")
 
 
 def _positive_int(value: Any, name: str) -> int | None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -36,7 +37,8 @@ def _tp_rank_state(folder: Path, tp_rank: int, zero_stage: int) -> dict[str, tor
 
         # DeepSpeed's reader only knows model-parallel rank 0: show it this rank's files under
         # rank-0 names, in a temporary folder of links.
-        with tempfile.TemporaryDirectory(dir=folder.parent) as tmp:
+        # In the system's temp folder: the checkpoint may be read-only.
+        with tempfile.TemporaryDirectory(prefix="sctd-export-") as tmp:
             view = Path(tmp) / folder.name
             view.mkdir()
             for f in folder.iterdir():
@@ -55,22 +57,56 @@ def consolidate(checkpoint_dir: Path, tag: str | None = None) -> tuple[dict[str,
     folder = checkpoint_dir / tag
     if not (folder / checkpoint.RUN_FILE).is_file():
         raise ValueError(f"{folder} is not a complete sctd-dist checkpoint")
-    run = checkpoint.read_run(checkpoint_dir, tag)
+    run = checkpoint.verify(checkpoint_dir, tag)  # names a missing, truncated or garbled file
     cfg = BertModelConfig(**run["model"])
     tp = run["tensor_model_parallel_size"]
     shards = [_tp_rank_state(folder, r, run["zero_stage"]) for r in range(tp)]
     return merge_shards(shards, cfg), cfg, run
 
 
-def export(checkpoint_dir: Path, out: Path, tag: str | None = None) -> Path:
+def find_data_dir(run: dict, checkpoint_dir: Path) -> Path | None:
+    """The run's data folder (for its tokenizer). Older run records hold the path as given on the
+    command line: a relative one is tried against the working directory, then beside the
+    checkpoint folder."""
+    data_path = run.get("data_path")
+    if not data_path:
+        return None
+    path = Path(data_path)
+    tries = [path] if path.is_absolute() else [Path.cwd() / path, Path(checkpoint_dir).resolve().parent / path]
+    return next((p for p in tries if p.is_dir()), None)
+
+
+def prepare_out(out: Path, overwrite: bool) -> None:
+    """Refuse an existing non-empty `out` unless `overwrite`; then empty it, so no file of an
+    earlier export (an old pytorch_model.bin beside new safetensors) is left behind. Only a
+    folder holding a model (config.json) is ever emptied."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file; choose a folder")
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    if not overwrite:
+        raise ValueError(f"--out {out} is not empty; choose a new folder, or pass --overwrite to "
+                         "replace the model in it")
+    if not (out / "config.json").is_file():
+        raise ValueError(f"--out {out} holds files but no model (no config.json); --overwrite only "
+                         "replaces an exported model: choose another folder")
+    shutil.rmtree(out)
+
+
+def export(checkpoint_dir: Path, out: Path, tag: str | None = None, *, overwrite: bool = False) -> Path:
     """Write the Hugging Face folder; the tokenizer comes from the run's data folder."""
+    out = Path(out)
+    prepare_out(out, overwrite)
     state, cfg, run = consolidate(checkpoint_dir, tag)
     tokenizer = None
-    data_path = run.get("data_path")
-    if data_path and Path(data_path).is_dir():
+    data_dir = find_data_dir(run, Path(checkpoint_dir))
+    if data_dir is not None:
         from sctd_dist.data.dataset import load_tokenizer
 
-        tokenizer = load_tokenizer(data_path)
+        tokenizer = load_tokenizer(data_dir)
+    elif run.get("data_path"):
+        print(f"warning: the run's data folder {run['data_path']} is not found: no tokenizer written "
+              f"to {out}", file=sys.stderr)
     out = save_hf(state, cfg, out, tokenizer)
     (out / "sctd_run.json").write_text(json.dumps(run, indent=2, sort_keys=True))
     return out
@@ -81,9 +117,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--checkpoint", type=Path, required=True, help="the --save folder of a run")
     p.add_argument("--tag", help="checkpoint tag (default: the newest complete one)")
     p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--overwrite", action="store_true", help="replace the model in an existing --out folder")
     a = p.parse_args(argv)
     try:
-        out = export(a.checkpoint, a.out, a.tag)
+        out = export(a.checkpoint, a.out, a.tag, overwrite=a.overwrite)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

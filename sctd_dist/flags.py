@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import types
 import typing
 from typing import Any, Literal, TypeVar
@@ -69,9 +70,20 @@ def add_flags(parser: argparse.ArgumentParser, cls: type, prefix: str = "",
         elif f.metadata["choices"]:
             options.update(type=kind, choices=f.metadata["choices"])
         else:  # named after the flag, not after the (dotted) destination
-            options.update(type=kind, metavar=f.metadata["metavar"]
+            options.update(type=_finite_float if kind is float else kind, metavar=f.metadata["metavar"]
                            or names[0].lstrip("-").replace("-", "_").upper())
         groups[title].add_argument(*names, **options)
+
+
+def _finite_float(text: str) -> float:
+    """argparse type of float flags: "nan" and "inf" parse as floats but mean no setting."""
+    value = float(text)  # ValueError: argparse reports "invalid float value"
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return value
+
+
+_finite_float.__name__ = "float"  # argparse names the type in its messages
 
 
 def from_flags(cls: type[T], namespace: argparse.Namespace, prefix: str = "") -> T:

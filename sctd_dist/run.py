@@ -45,7 +45,7 @@ class Run:
     model: PretrainingModel
     engine: Any  # deepspeed.DeepSpeedEngine wrapping `model`
     loader: PretrainingDataLoader  # also the run's data position
-    valid_loader: ValidationDataLoader
+    valid_loader: ValidationDataLoader | None  # None: the validation split is empty (--eval-iters 0)
     checkpointer: Checkpointer
     logger: MetricsLogger
     step_flops: Callable[[int], float]  # model FLOPs of optimizer step `step`, all ranks together
@@ -69,8 +69,9 @@ def build_run(cfg: TrainConfig) -> Run:
     batch, micro = ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"]
     loader = PretrainingDataLoader(train_set, global_batch_size=batch, micro_batch_size=micro,
                                    dp_rank=ctx.dp_rank, dp_size=ctx.dp_size, seed=cfg.seed, masking=masking)
-    valid_loader = ValidationDataLoader(valid_set, micro_batch_size=micro, dp_rank=ctx.dp_rank,
-                                        dp_size=ctx.dp_size, seed=cfg.seed, masking=masking)
+    valid_loader = None if len(valid_set) == 0 else ValidationDataLoader(
+        valid_set, micro_batch_size=micro, dp_rank=ctx.dp_rank, dp_size=ctx.dp_size, seed=cfg.seed,
+        masking=masking)
     model = PretrainingModel(model_cfg, cfg.token_drop, train_set.special_ids, ctx)
     if cfg.init_hf is not None:
         _load_hf_weights(model, cfg.init_hf)
@@ -79,8 +80,9 @@ def build_run(cfg: TrainConfig) -> Run:
         model.compile_layers()
     checkpointer = Checkpointer(
         SavePolicy(cfg.save, cfg.save_interval, last_step=cfg.train_iters, keep_last=cfg.keep_last),
-        cfg.load_dir, run_record(cfg, model_cfg, ctx, ds, data_dir),
+        cfg.load_dir, run_record(cfg, model_cfg, ctx, ds, data_dir, train_set),
         {"importance": model.importance, DATA_POSITION: loader, "rng": RNGStreams()},
+        on_bad=cfg.on_bad_checkpoint, checkpoint_bytes=checkpoint_bytes(model, ctx),
         tp_rank=ctx.tp_rank, dp_rank=ctx.dp_rank, keep_data_position=cfg.keep_data_position)
     engine, _, _, _ = deepspeed.initialize(
         model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
@@ -97,7 +99,7 @@ def build_run(cfg: TrainConfig) -> Run:
                  world_size=ctx.world_size, dp_size=ctx.dp_size, tp_size=ctx.tp_size,
                  precision=str(precision(ds)), zero_stage=zero_stage(ds), **runtime)
     if plan is not None:
-        log_resume_changes(logger, plan, ctx, loader.consumed_samples, cfg.keep_data_position)
+        log_resume_changes(logger, plan, ctx, start_step, loader.consumed_samples, cfg.keep_data_position)
     flops = partial(step_flops, model_cfg, cfg.token_drop, cfg.seq_length,
                     masking.mlm_probability * cfg.seq_length, batch)
     return Run(cfg, ctx, model, engine, loader, valid_loader, checkpointer, logger, flops, start_step)
@@ -127,11 +129,17 @@ def check_checkpoint_fits(cfg: TrainConfig, model_cfg: BertModelConfig, ds: dict
                                 "dp_size": world_size // tp, "zero_stage": zero_stage(ds)})
 
 
-def log_resume_changes(logger: MetricsLogger, plan: ResumePlan, ctx: ParallelContext,
+def log_resume_changes(logger: MetricsLogger, plan: ResumePlan, ctx: ParallelContext, step: int,
                        consumed_samples: int, keep_data_position: bool) -> None:
-    """A `layout_change` event when the checkpoint was saved at another TP x DP layout, and a
-    `data_switch` event when the training data changed since it was saved (each also one line
-    on stderr: a run without --log-dir says so too)."""
+    """What a resume passed over or changed, as events: a `checkpoint_warning` per checkpoint or
+    pointer it passed over, a `token_drop_change` / `global_batch_change` per setting changed
+    since the save (those two were said on stderr when planned), a `layout_change` when the
+    checkpoint was saved at another TP x DP layout, and a `data_switch` when the training data
+    changed (each of the last two also one line on stderr: a run without --log-dir says so too)."""
+    for line in plan.warnings:
+        logger.event("checkpoint_warning", message=line)
+    for change in plan.changes:
+        logger.event(change["event"], step=step, checkpoint=change["checkpoint"], now=change["now"])
     saved = plan.saved
     if plan.layout_changed:
         logger.event("layout_change", checkpoint=plan.source_tag,
@@ -171,6 +179,12 @@ def open_data(cfg: TrainConfig) -> tuple[Path, PackedDataset, PackedDataset]:
         raise ValueError(f"--data-path {data_dir} holds sequences of {train.seq_length} tokens but "
                          f"--seq-length is {cfg.seq_length}; prepare the data at that length or "
                          f"pass --seq-length {train.seq_length}")
+    if len(valid) == 0:
+        message = f"the validation split of {data_dir} is empty"
+        if cfg.eval_iters:
+            raise ValueError(f"{message}; prepare it with a larger --validation-fraction, or pass "
+                             "--eval-iters 0 to train without evaluation")
+        print(f"warning: {message}; training without evaluation (--eval-iters 0)", file=sys.stderr)
     return Path(data_dir), train, valid
 
 
@@ -199,15 +213,24 @@ def prepare_ds_config(cfg: TrainConfig, ds: dict[str, Any], dp_size: int, device
     return ds
 
 
+def checkpoint_bytes(model: PretrainingModel, ctx: ParallelContext) -> int:
+    """About the size of one checkpoint of a new run, all ranks together: per parameter the
+    weight and, for Adam, an fp32 master copy and two moments (16 bytes, whatever the ZeRO
+    stage: the stages partition these, they do not shrink them)."""
+    params = sum(p.numel() for p in model.parameters())
+    return 16 * params * ctx.tp_size
+
+
 def run_record(cfg: TrainConfig, model_cfg: BertModelConfig, ctx: ParallelContext,
-               ds: dict[str, Any], data_dir: Path) -> dict[str, Any]:
+               ds: dict[str, Any], data_dir: Path, train_set: PackedDataset) -> dict[str, Any]:
     """What a checkpoint records about the run (compared on resume; the step is added at save)."""
     return {
         "model": model_cfg.to_dict(),
         "tensor_model_parallel_size": ctx.tp_size, "sequence_parallel": ctx.sequence_parallel,
         "world_size": ctx.world_size, "dp_size": ctx.dp_size, "zero_stage": zero_stage(ds),
         "global_batch_size": ds["train_batch_size"], "seq_length": cfg.seq_length,
-        "token_drop": vars(cfg.token_drop).copy(), "data_path": str(data_dir),
+        "token_drop": vars(cfg.token_drop).copy(), "data_path": str(Path(data_dir).resolve()),
+        "tokenizer_fingerprint": train_set.metadata["tokenizer"]["fingerprint"],
         "train_config": cfg.to_dict(),
     }
 

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import pathlib
 
 import pytest
+import torch
 
 from sctd_dist import checkpoint, reshard
 from sctd_dist.coordination import atomic_write
@@ -24,11 +26,39 @@ def test_latest_is_none_without_pointer(tmp_path):
     assert checkpoint.latest_tag(None) is None
 
 
-def test_pointer_to_incomplete_checkpoint_is_refused(tmp_path):
+def test_pointer_to_incomplete_checkpoint_without_others_is_refused(tmp_path):
     _fake_checkpoint(tmp_path, 4, complete=False)
     (tmp_path / checkpoint.LATEST).write_text("global_step4")
-    with pytest.raises(RuntimeError, match="incomplete"):
+    with pytest.raises(checkpoint.CheckpointError, match="names global_step4, which is not a complete "
+                       "checkpoint and .* holds no complete checkpoint"):
         checkpoint.latest_tag(tmp_path)
+
+
+@pytest.mark.parametrize("pointer", [None, "", "  \n", "global_step12", "global_step9"])
+def test_missing_empty_or_dangling_pointer_takes_the_newest_complete_checkpoint(tmp_path, pointer):
+    for step in (3, 6):
+        _fake_checkpoint(tmp_path, step)
+    _fake_checkpoint(tmp_path, 9, complete=False)  # a save that was killed
+    if pointer is not None:
+        (tmp_path / checkpoint.LATEST).write_text(pointer)
+    tags, warnings = checkpoint.resume_candidates(tmp_path)
+    assert tags == ["global_step6", "global_step3"]
+    assert len(warnings) == 1 and "resuming from the newest complete checkpoint, global_step6" in warnings[0]
+
+
+def test_pointer_names_the_checkpoint_and_older_ones_are_fallbacks(tmp_path):
+    for step in (3, 6, 9):
+        _fake_checkpoint(tmp_path, step)
+    (tmp_path / checkpoint.LATEST).write_text("global_step6")  # rolled back on purpose
+    assert checkpoint.resume_candidates(tmp_path) == (["global_step6", "global_step3"], [])
+
+
+@pytest.mark.parametrize("text", ["/tmp/elsewhere", "../other/global_step3", "global_step3/..", "step3"])
+def test_pointer_outside_the_folder_is_refused(tmp_path, text):
+    _fake_checkpoint(tmp_path, 3)
+    (tmp_path / checkpoint.LATEST).write_text(text)
+    with pytest.raises(checkpoint.CheckpointError, match="not a checkpoint tag"):
+        checkpoint.resume_candidates(tmp_path)
 
 
 def test_atomic_write_replaces_whole_file(tmp_path):
@@ -85,3 +115,62 @@ def test_layout_change_across_zero_families_is_refused_in_one_line(saved_stage, 
     with pytest.raises(ValueError, match=f"ZeRO stage {saved_stage} and this run uses stage {stage}") as err:
         reshard.check_supported(saved, now)
     assert "\n" not in str(err.value) and "--deepspeed_config" in str(err.value)
+
+
+class _Planted:
+    """Unpickling this would create `marker`: a stand-in for any code a crafted file could run."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (pathlib.Path.touch, (pathlib.Path(self.marker),))
+
+
+def test_rng_state_round_trips_as_data_only(tmp_path):
+    import random
+
+    import numpy as np
+
+    path = tmp_path / "rng_rank0.pt"
+    streams = checkpoint.RNGStreams()
+    torch.save(streams.state_dict(), path)
+    draw = lambda: (random.random(), float(np.random.rand()), torch.rand(1).item())  # noqa: E731
+    first = draw()
+    streams.load_state_dict(checkpoint.load_state_file(path))
+    assert draw() == first
+
+
+def test_crafted_rng_file_is_refused_not_executed(tmp_path):
+    marker = tmp_path / "payload_ran"
+    path = tmp_path / "rng_rank0.pt"
+    torch.save({"python": _Planted(marker)}, path)
+    with pytest.raises(checkpoint.CheckpointError, match="rng_rank0.pt holds objects that are not "
+                       "checkpoint data"):
+        checkpoint.load_state_file(path)
+    assert not marker.exists()
+
+
+def _record(**changes):
+    record = {"model": {"hidden_size": 128}, "tensor_model_parallel_size": 1, "global_batch_size": 8,
+              "token_drop": {"mode": "sctd", "keep_ratio": 0.5}, "tokenizer_fingerprint": "abc"}
+    return {**record, **changes}
+
+
+def test_another_tokenizer_is_refused():
+    with pytest.raises(ValueError, match="the --data-path tokenizer: checkpoint fingerprint abc, now xyz"):
+        checkpoint.check_compatible(_record(), _record(tokenizer_fingerprint="xyz"))
+    old = _record()
+    del old["tokenizer_fingerprint"]  # a checkpoint from before fingerprints were recorded
+    assert checkpoint.compare_records(old, _record(tokenizer_fingerprint="xyz")) == ([], [])
+
+
+def test_token_dropping_and_batch_changes_are_events():
+    now = _record(global_batch_size=16, token_drop={"mode": "none", "keep_ratio": 0.5})
+    refusals, events = checkpoint.compare_records(_record(), now)
+    assert refusals == []
+    assert events == [
+        {"event": "token_drop_change", "checkpoint": {"mode": "sctd", "keep_ratio": 0.5},
+         "now": {"mode": "none", "keep_ratio": 0.5}},
+        {"event": "global_batch_change", "checkpoint": 8, "now": 16}]
+    assert checkpoint.check_compatible(_record(), _record()) == []

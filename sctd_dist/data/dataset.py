@@ -27,7 +27,12 @@ def read_metadata(data_dir: str | Path) -> dict:
             f"{Path(data_dir)} holds no prepared data ({METADATA_FILE} missing; an interrupted run "
             "leaves none). Run: python -m sctd_dist.data.prepare --input ... --out "
             f"{Path(data_dir)} --seq-length N (--tokenizer DIR | --train-tokenizer VOCAB)")
-    meta = json.loads(path.read_text())
+    try:
+        meta = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{path} is not valid JSON ({exc}); prepare {Path(data_dir)} again") from None
+    if not isinstance(meta, dict):
+        meta = {"format": type(meta).__name__}
     if meta.get("format") != FORMAT or meta.get("version") != FORMAT_VERSION:
         raise ValueError(f"{path} is not {FORMAT} version {FORMAT_VERSION} data "
                          f"(found {meta.get('format')} {meta.get('version')}); prepare it again")
@@ -47,13 +52,17 @@ class PackedDataset:
         self.data_dir = Path(data_dir).expanduser()
         self.split = split
         self.metadata = read_metadata(self.data_dir)
-        self.seq_length = int(self.metadata["seq_length"])
-        self.dtype = np.dtype(self.metadata["dtype"])
-        self.vocab_size = int(self.metadata["vocab_size"])
-        self.special_ids = SpecialTokenIds.from_dict(self.metadata["tokenizer"]["special_ids"])
-        shards = self.metadata["splits"][split]["shards"]
-        self._files = [self.data_dir / s["file"] for s in shards]
-        counts = np.array([s["num_sequences"] for s in shards], dtype=np.int64)
+        try:
+            self.seq_length = int(self.metadata["seq_length"])
+            self.dtype = np.dtype(self.metadata["dtype"])
+            self.vocab_size = int(self.metadata["vocab_size"])
+            self.special_ids = SpecialTokenIds.from_dict(self.metadata["tokenizer"]["special_ids"])
+            shards = self.metadata["splits"][split]["shards"]
+            self._files = [self.data_dir / s["file"] for s in shards]
+            counts = np.array([s["num_sequences"] for s in shards], dtype=np.int64)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"{self.data_dir / METADATA_FILE} is damaged ({type(exc).__name__}: {exc}); "
+                             f"prepare {self.data_dir} again") from None
         self._starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
         row_bytes = self.seq_length * self.dtype.itemsize
         for f, n in zip(self._files, counts):

@@ -29,6 +29,7 @@ import logging
 import math
 import multiprocessing as mp
 import os
+import shutil
 import sys
 import time
 from contextlib import contextmanager
@@ -203,6 +204,17 @@ def _existing_tokenizer_fingerprint(out: Path) -> tuple[str | None, str]:
     return None, ""
 
 
+def _drop_unrecorded_tokenizer(out: Path) -> None:
+    """Remove a tokenizer folder that nothing records: a run killed after saving the tokenizer but
+    before its training record or any shard would otherwise find "another tokenizer" in its own
+    folder (or a half-written tokenizer.json). Nothing made from it exists yet, so it is redone."""
+    recorded = ((out / METADATA_FILE).is_file() or (out / TRAINING_RECORD).is_file()
+                or any(out.glob("shard-*.json")))
+    if not recorded and (out / TOKENIZER_DIR).exists():
+        log.info("removing %s, left by an interrupted run", out / TOKENIZER_DIR)
+        shutil.rmtree(out / TOKENIZER_DIR)
+
+
 def _tokenizer_mismatch(out: Path, have: str, have_desc: str, want: str, want_desc: str) -> ValueError:
     return ValueError(
         f"{out} was prepared with another tokenizer ({have_desc}, fingerprint {have}) than the one "
@@ -214,6 +226,7 @@ def _obtain_tokenizer(out: Path, sources: list[Any], tokenizer: str | None,
                       train_vocab: int | None, seed: int, validation_fraction: float,
                       lowercase: bool, max_length: int) -> tuple[Any, str, dict | None]:
     """Load, reuse or train the tokenizer; returns (tokenizer, source description, training record)."""
+    _drop_unrecorded_tokenizer(out)
     have, have_desc = _existing_tokenizer_fingerprint(out)
     if tokenizer is not None:
         tok = load_pretrained_tokenizer(tokenizer)

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from sctd_dist.flags import flag
+from sctd_dist.typed import check_types
 
 PRESETS: dict[str, dict[str, Any]] = {
     # Small enough for CPU tests and the demo.
@@ -49,6 +50,7 @@ class BertModelConfig:
 
     def validate(self) -> None:
         """Raise ValueError naming the field to change."""
+        check_types(self, prefix="--model-config field ")
         for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
                      "intermediate_size", "max_position_embeddings", "type_vocab_size"):
             if getattr(self, name) < 1:
@@ -120,7 +122,13 @@ class BertModelConfig:
             raise ValueError(f"unknown model preset {name!r}; choose one of {sorted(PRESETS)}")
         values: dict[str, Any] = dict(PRESETS[name])
         if isinstance(overrides, (str, Path)):
-            overrides = json.loads(Path(overrides).read_text())
+            path = overrides
+            try:
+                overrides = json.loads(Path(path).read_text())
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+                raise ValueError(f"--model-config {path} is unreadable: {exc}") from None
+            if not isinstance(overrides, dict):
+                raise ValueError(f"--model-config {path} must hold a JSON object of BertConfig fields")
         values.update(overrides or {})
         values.update(kwargs)
         names = {f.name for f in dataclasses.fields(cls)}
@@ -167,6 +175,7 @@ class TokenDropConfig:
     importance_init: float = 10.0
 
     def __post_init__(self) -> None:
+        check_types(self)
         if self.mode not in ("none", "vanilla", "sctd"):
             raise ValueError(f"--token-drop must be none, vanilla or sctd, got {self.mode!r}")
         if not 0.0 < self.keep_ratio <= 1.0:

@@ -253,6 +253,24 @@ def test_folder_made_with_another_tokenizer(tmp_path, small_corpus, small_texts,
         check_compatible(prepared, max_position_embeddings=512, vocab_size=1000)
 
 
+def test_rerun_after_a_kill_right_after_the_tokenizer_was_saved(tmp_path, small_corpus, hf_cache) -> None:
+    def prepare(out):
+        return prepare_corpus([str(small_corpus)], out, SEQ, train_tokenizer_vocab=500,
+                              datasets_cache_dir=hf_cache, progress=False, validation_fraction=0.1)
+
+    out = prepare(tmp_path / "out")
+    meta = read_metadata(out)
+    rows = _all_rows(out)
+    # The folder as a kill right after tokenizer/ was written leaves it: nothing else yet.
+    for p in out.iterdir():
+        if p.name != "tokenizer":
+            p.unlink()
+    (out / "tokenizer" / "tokenizer.json").write_text('{"half": ')  # and cut mid-file
+    prepare(out)
+    assert read_metadata(out)["tokenizer"]["fingerprint"] == meta["tokenizer"]["fingerprint"]
+    assert np.array_equal(_all_rows(out), rows)
+
+
 def test_cli_trains_tokenizer_and_reports_errors(tmp_path, small_corpus, hf_cache) -> None:
     env = {**os.environ, "HF_DATASETS_CACHE": str(hf_cache)}
     out = tmp_path / "out"

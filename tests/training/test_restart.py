@@ -7,6 +7,8 @@ and ScTD token dropping, in fp32 so restarted losses must equal uninterrupted on
 from __future__ import annotations
 
 import shutil
+import subprocess
+import sys
 import signal
 
 import pytest
@@ -134,3 +136,98 @@ def test_resume_on_a_different_data_parallel_size(data_dir, tmp_path):
     assert sorted(got) == list(range(6, STEPS))
     for s in got:
         assert abs(got[s] - ref[s]) < 1e-4 * abs(ref[s]), (s, got[s], ref[s])
+
+
+# --- Checkpoints that defend themselves: the ZeRO-2 run above, copied and damaged per case. ---
+
+def _copy_checkpoints(straight_runs, dest):
+    src = straight_runs(2, "tp1dp2") / "straight" / "ckpt"
+    return shutil.copytree(src, dest / "ckpt", ignore=shutil.ignore_patterns("resharded"))
+
+
+def _truncate(path):
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def _garble(path):
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+DAMAGE = {
+    "truncated shard": ("*zero_pp_rank_1_mp_rank_00_optim_states.pt", _truncate),
+    "garbled model states": ("mp_rank_00_model_states.pt", _garble),
+    "missing rng file": ("rng_rank1.pt", lambda p: p.unlink()),
+    "garbled run record": (checkpoint.RUN_FILE, lambda p: p.write_text('{"step": 12, "mod')),
+}
+
+
+@pytest.mark.parametrize("case", sorted(DAMAGE))
+def test_damaged_newest_checkpoint_is_named_and_the_previous_one_resumed(straight_runs, tmp_path, case):
+    ckpt = _copy_checkpoints(straight_runs, tmp_path)
+    name, damage = DAMAGE[case]
+    matches = sorted((ckpt / "global_step12").glob(name))
+    assert matches, sorted(p.name for p in (ckpt / "global_step12").iterdir())
+    damage(matches[0])
+    tag, record, warnings = checkpoint.choose_checkpoint(ckpt)
+    assert tag == "global_step6" and record["step"] == 6
+    assert len(warnings) == 1 and str(matches[0]) in warnings[0] and "skipping global_step12" in warnings[0]
+    with pytest.raises(checkpoint.CheckpointError) as err:
+        checkpoint.choose_checkpoint(ckpt, on_bad="stop")
+    assert str(matches[0]) in str(err.value) and "--on-bad-checkpoint fallback" in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_no_checkpoint_that_verifies_is_refused_not_restarted(straight_runs, tmp_path):
+    ckpt = _copy_checkpoints(straight_runs, tmp_path)
+    for step in (6, 12):
+        _truncate(ckpt / f"global_step{step}" / "mp_rank_00_model_states.pt")
+    with pytest.raises(checkpoint.CheckpointError, match="no checkpoint in .* verifies"):
+        checkpoint.choose_checkpoint(ckpt)
+
+
+def test_restart_without_latest_over_a_truncated_checkpoint(straight_runs, data_dir, tmp_path):
+    """`latest` deleted and the newest checkpoint truncated: the job resumes from step 6 (not 0),
+    says why, and trains on exactly as the uninterrupted run did, replacing the bad step-12."""
+    tmp = straight_runs(2, "tp1dp2")
+    ref = launch.losses(tmp / "straight" / "logs")
+    ckpt = _copy_checkpoints(straight_runs, tmp_path / "job")
+    (ckpt / checkpoint.LATEST).unlink()
+    (shard,) = (ckpt / "global_step12").glob("*zero_pp_rank_0_mp_rank_00_optim_states.pt")
+    _truncate(shard)
+    good = (ckpt / "global_step6" / "mp_rank_00_model_states.pt").read_bytes()
+    proc = launch.train(2, *job_args(tmp_path, data_dir, 2, "tp1dp2", "job", "--save-interval", "6"))
+    assert "resuming from the newest complete checkpoint, global_step12" in proc.stderr
+    assert f"{shard} is truncated" in proc.stderr
+    warnings = [e["message"] for e in launch.events(tmp_path / "job" / "logs", "checkpoint_warning")]
+    assert len(warnings) == 2 and "skipping global_step12" in warnings[1]
+    got = launch.losses(tmp_path / "job" / "logs")
+    assert sorted(got) == list(range(6, STEPS)) and all(got[s] == ref[s] for s in got)
+    assert (ckpt / checkpoint.LATEST).read_text() == "global_step12"
+    assert checkpoint.verify(ckpt, "global_step12")["step"] == 12  # replaced by a whole one
+    assert (ckpt / "global_step6" / "mp_rank_00_model_states.pt").read_bytes() == good
+
+
+def test_disk_full_during_a_save_keeps_the_last_checkpoint(data_dir, tmp_path):
+    """A 48 MiB disk holds one 31 MiB checkpoint (step 2), not two: the step-4 save fails loudly,
+    leaves no partial folder and `latest` on step 2; a rerun is refused before training."""
+    from tests.mounts import tmpfs
+
+    with tmpfs(tmp_path / "disk", "48m") as disk:
+        args = ["--data-path", str(data_dir), "--seq-length", str(SEQ), "--train-iters", "4",
+                "--global-batch-size", "2", "--micro-batch-size", "2", "--eval-iters", "0",
+                "--save", str(disk / "ckpt"), "--save-interval", "2", "--no-progress",
+                "--deepspeed_config", str(launch.fp32_config("zero2_bf16.json", tmp_path / "z2.json"))]
+        proc = subprocess.run([sys.executable, "-m", "sctd_dist.train", *args], cwd=launch.REPO,
+                              env=launch.env(), capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 2
+        assert f"saving {disk / 'ckpt' / 'global_step4'} failed (" in proc.stderr
+        assert f"{disk / 'ckpt' / 'latest'} still names global_step2" in proc.stderr
+        assert "Traceback" not in proc.stderr
+        assert sorted(p.name for p in (disk / "ckpt").iterdir() if p.is_dir()) == ["global_step2"]
+        assert checkpoint.verify(disk / "ckpt", "global_step2")["step"] == 2
+        again = subprocess.run([sys.executable, "-m", "sctd_dist.train", *args], cwd=launch.REPO,
+                               env=launch.env(), capture_output=True, text=True, timeout=300)
+        assert again.returncode == 2 and "MiB free, but a checkpoint of this run takes about" in again.stderr
+        assert (disk / "ckpt" / "latest").read_text() == "global_step2"
