@@ -6,6 +6,10 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 TORCH_CPU_VERSION ?= 2.13.0
 PYTEST_WORKERS ?= 2
+# DeepSpeed JIT-builds a small C++ op at the first process group of every run; keep the build with
+# the venv, so two checkouts on one machine do not rebuild it for each other (torch's default cache
+# is per user and keyed by name only).
+export TORCH_EXTENSIONS_DIR ?= $(abspath $(VENV))/torch_extensions
 
 # CPU launches go through the tuned allocator (tcmalloc / jemalloc / glibc settings; it says
 # which on stderr). SCTD_ALLOCATOR=system runs them with the plain system allocator.
