@@ -403,7 +403,10 @@ def check_writable(save_dir: Path) -> None:
 
 def check_free_space(save_dir: Path, checkpoint_bytes: int) -> None:
     """Raise CheckpointError unless `save_dir` has room for a checkpoint of `checkpoint_bytes`."""
-    free = shutil.disk_usage(save_dir).free
+    existing = Path(save_dir).absolute()
+    while not existing.exists():  # a folder the first save creates: its disk is the parent's
+        existing = existing.parent
+    free = shutil.disk_usage(existing).free
     if free < checkpoint_bytes:
         raise CheckpointError(f"--save {save_dir} has {free / 2**20:.1f} MiB free, but a checkpoint of "
                               f"this run takes about {checkpoint_bytes / 2**20:.1f} MiB; free space or "
