@@ -52,7 +52,11 @@ class _Lookup(torch.autograd.Function):
         index = ids.reshape(-1)
         dense, ctx.slot.dense = ctx.slot.dense, None
         if dense is None:
-            return None, torch.sparse_coo_tensor(index.unsqueeze(0), rows, ctx.weight_shape), None
+            # No decoder gradient in this pass (e.g. a consistency pass without MLM head): the
+            # rows alone, as a sparse gradient autograd adds into the dense one. Ids index the
+            # table, so the invariant check would only cost time.
+            return None, torch.sparse_coo_tensor(index.unsqueeze(0), rows, ctx.weight_shape,
+                                                 check_invariants=False), None
         return None, dense.index_add_(0, index, rows.to(dense.dtype)), None
 
 

@@ -37,6 +37,17 @@ def _merged_grads(model) -> dict[str, torch.Tensor] | None:
     return merged
 
 
+def initial_model(cfg, ctx) -> tuple[dict[str, torch.Tensor], bool]:
+    """The whole (TP-merged) model a fresh run starts from at this TP size (same seed at every
+    size), and whether its vocabulary padding rows start at zero."""
+    from sctd_dist.hf import gather_hf_state_dict
+    from sctd_dist.model.bert import BertForMaskedLM
+
+    model = BertForMaskedLM(cfg, ctx)
+    padding = model.bert.embeddings.word_embeddings.weight[max(0, cfg.vocab_size - model.vocab_start):]
+    return gather_hf_state_dict(model), bool((padding == 0).all())
+
+
 def run_model(rank: int, world: int, tp: int, cfg, state, batch, cases):
     """Forward+backward the same weights and batch for each (sequence_parallel, keep_ratio,
     slices) case (keep_ratio None: no token dropping; slices > 1 at TP=1: select per sequence
@@ -47,7 +58,7 @@ def run_model(rank: int, world: int, tp: int, cfg, state, batch, cases):
     from sctd_dist.parallel import initialize
 
     base_ctx = initialize(tp)
-    results = {}
+    results = {"initial": initial_model(cfg, base_ctx)}
     for sp, keep, slices in cases:
         ctx = dataclasses.replace(base_ctx, sequence_parallel=sp)
         model = BertForMaskedLM(cfg, ctx)
@@ -178,24 +189,12 @@ def test_dropping_changes_the_result(reference):
     assert not torch.allclose(reference[(False, None, 1)]["loss"], reference[(False, 0.5, 1)]["loss"])
 
 
-def initial_model(rank: int, world: int, tp: int, cfg):
-    """The whole (TP-merged) model a fresh run starts from, built at TP size `tp`."""
-    from sctd_dist.hf import gather_hf_state_dict
-    from sctd_dist.model.bert import BertForMaskedLM
-    from sctd_dist.parallel import initialize
-
-    model = BertForMaskedLM(cfg, initialize(tp, seed=5))
-    padding = model.bert.embeddings.word_embeddings.weight[max(0, cfg.vocab_size - model.vocab_start):]
-    return gather_hf_state_dict(model), bool((padding == 0).all())
-
-
-def test_same_seed_same_initial_model_at_every_tp_size():
+def test_same_seed_same_initial_model_at_every_tp_size(reference, tp2):
     """The vocabulary (300) pads to 384 rows at TP=1 and 512 at TP=2: only the real rows are
     drawn at random, so the padding cannot shift what is drawn after the embedding."""
-    ref, ref_padding_zero = run_ranks(initial_model, 1, 1, CFG2)[0]
-    tp2 = run_ranks(initial_model, 2, 2, CFG2)
-    merged = tp2[0][0]
-    assert ref_padding_zero and all(zero for _, zero in tp2)  # padding rows start at zero
+    ref, ref_padding_zero = reference["initial"]
+    merged = tp2[0]["initial"][0]
+    assert ref_padding_zero and all(r["initial"][1] for r in tp2)  # padding rows start at zero
     assert set(merged) == set(ref)
     for name, t in ref.items():
         assert torch.equal(merged[name], t), name
