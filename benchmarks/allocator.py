@@ -114,9 +114,7 @@ def main(argv: list[str] | None = None) -> int:
                "ratio_vs_system": ratio, "table": table, "wall_s": time.perf_counter() - t0}
     print()
     print(table)
-    path = common.write_json(args, "allocator", payload)
-    if path:
-        print(f"wrote {path}")
+    common.write_json(args, "allocator", payload)
     return 0
 
 

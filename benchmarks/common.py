@@ -249,10 +249,13 @@ def save_figures(figures: list, paths: list[Path]) -> list[Path]:
 
 
 def write_json(args, name: str, payload: dict[str, Any]) -> Path | None:
+    """Write a benchmark's results (to --out, else results/<name>.json) and say where; nothing
+    with --no-write."""
     if args.no_write:
         return None
     path = Path(args.out) if args.out else RESULTS_DIR / f"{name}.json"
     write_json_atomic(path, payload)
+    print(f"wrote {path}")
     return path
 
 

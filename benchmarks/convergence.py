@@ -268,7 +268,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         args.plots.mkdir(parents=True, exist_ok=True)
         payload["plots"] = [str(p.relative_to(REPO_ROOT) if p.is_relative_to(REPO_ROOT) else p)
                             for p in plot(result, args.plots)]
-        print("wrote", write_json(args, "convergence", payload), *payload["plots"])
+        write_json(args, "convergence", payload)
+        print("wrote", *payload["plots"])
     return payload
 
 

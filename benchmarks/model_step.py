@@ -305,9 +305,7 @@ def main(argv=None) -> int:
                "settings": {k: v for k, v in vars(args).items()},
                "step": "zero_grad + forward(loss) + backward, train mode",
                "wall_s": wall, "cases": cases, "markdown": md}
-    path = common.write_json(args, "model_step", payload)
-    if path:
-        print(f"wrote {path}")
+    common.write_json(args, "model_step", payload)
     return 0
 
 

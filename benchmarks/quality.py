@@ -349,7 +349,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         args.plots.mkdir(parents=True, exist_ok=True)
         payload["plots"] = [str(p.relative_to(REPO_ROOT) if p.is_relative_to(REPO_ROOT) else p)
                             for p in plot(result, summary, args.plots)]
-        print("wrote", write_json(args, "quality", payload), *payload["plots"])
+        write_json(args, "quality", payload)
+        print("wrote", *payload["plots"])
     return payload
 
 

@@ -339,9 +339,7 @@ def main(argv=None) -> int:
     payload = {"benchmark": "token_drop", "environment": env, "settings": dict(vars(args)),
                "step": "zero_grad + forward(batch, step) + backward + AdamW.step + update_importance",
                "wall_s": wall, "cases": cases, "markdown": md}
-    path = common.write_json(args, "token_drop", payload)
-    if path:
-        print(f"wrote {path}")
+    common.write_json(args, "token_drop", payload)
     return 0
 
 

@@ -121,9 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     print(table)
     for g in goals:
         print(f"{'PASS' if g['pass'] else 'FAIL'}  {g['goal']} ({g['value']:.2f})")
-    path = common.write_json(args, "train_vs_hf", payload)
-    if path:
-        print(f"wrote {path}")
+    common.write_json(args, "train_vs_hf", payload)
     return 0
 
 

@@ -32,7 +32,6 @@ import pickle
 import random
 import re
 import shutil
-import sys
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,7 +41,7 @@ import numpy as np
 import torch
 
 from sctd_dist import reshard
-from sctd_dist.coordination import (atomic_write, barrier, is_rank0, rank, rank0_decides,
+from sctd_dist.coordination import (atomic_write, barrier, is_rank0, rank, rank0_decides, say,
                                    spread, world_size)
 from sctd_dist.parallel.random import SHARDED_RNG
 
@@ -367,14 +366,11 @@ def plan_resume(load_dir: Path | None, current: dict[str, Any], on_bad: str = "f
     if chosen is None:
         return None
     (tag, saved, warnings), load_dir = chosen, Path(load_dir)
-    if is_rank0():
-        for line in warnings:
-            print(f"warning: {line}", file=sys.stderr, flush=True)
+    for line in warnings:
+        say(f"warning: {line}")
     changes = check_compatible(saved, current)
-    if is_rank0():
-        for change in changes:
-            print(f"note: {change['event']}: {change['checkpoint']} in the checkpoint, {change['now']} now",
-                  file=sys.stderr, flush=True)
+    for change in changes:
+        say(f"note: {change['event']}: {change['checkpoint']} in the checkpoint, {change['now']} now")
     moved = reshard.layout_changed(saved, current)
     target = reshard.LoadTarget(load_dir, tag, universal=False)
     if moved:

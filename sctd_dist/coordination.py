@@ -8,6 +8,7 @@ Every function also works in a plain single process (no process group): rank 0 o
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
@@ -36,6 +37,12 @@ def world_size(group: Any = None) -> int:
 def is_rank0() -> bool:
     """True on the job's rank 0 (the process that writes shared files and logs)."""
     return rank() == 0
+
+
+def say(line: str) -> None:
+    """One line on stderr from rank 0 (what every rank knows is said once)."""
+    if is_rank0():
+        print(line, file=sys.stderr, flush=True)
 
 
 def barrier() -> None:

@@ -22,7 +22,7 @@ from sctd_dist.allocator import in_use as allocator_in_use
 from sctd_dist.arguments import TrainConfig
 from sctd_dist.checkpoint import (DATA_POSITION, Checkpointer, ResumePlan, RNGStreams, SavePolicy,
                                   check_resume)
-from sctd_dist.coordination import is_rank0
+from sctd_dist.coordination import say
 from sctd_dist.data.dataset import PackedDataset
 from sctd_dist.data.loader import PretrainingDataLoader, ValidationDataLoader
 from sctd_dist.data.masking import MaskingConfig
@@ -146,21 +146,16 @@ def log_resume_changes(logger: MetricsLogger, plan: ResumePlan, ctx: ParallelCon
                      saved_tp_size=saved["tensor_model_parallel_size"], saved_dp_size=saved["dp_size"],
                      tp_size=ctx.tp_size, dp_size=ctx.dp_size,
                      not_preserved="per-rank RNG streams (reseeded for the new layout)")
-        _say(f"resuming {plan.source_tag}, saved at TP={saved['tensor_model_parallel_size']} x "
+        say(f"resuming {plan.source_tag}, saved at TP={saved['tensor_model_parallel_size']} x "
              f"DP={saved['dp_size']}, at TP={ctx.tp_size} x DP={ctx.dp_size}: weights, optimizer, "
              "schedule and importance table carried over, RNG streams reseeded")
     if plan.data_switch:
         logger.event("data_switch", changes=plan.data_switch, kept_position=keep_data_position,
                      consumed_samples=consumed_samples)
         changes = ", ".join(f"{flag} {old} -> {new}" for flag, (old, new) in plan.data_switch.items())
-        _say(f"data switch ({changes}): " + (
+        say(f"data switch ({changes}): " + (
             f"continuing at sample {consumed_samples} (--keep-data-position)" if keep_data_position
             else "the new data starts at its first sample (--keep-data-position continues the old count)"))
-
-
-def _say(line: str) -> None:
-    if is_rank0():
-        print(line, file=sys.stderr, flush=True)
 
 
 def open_data(cfg: TrainConfig) -> tuple[Path, PackedDataset, PackedDataset]:
