@@ -69,7 +69,7 @@ demo: setup
 	@echo "  checkpoints  $(DEMO_DIR)/checkpoints (restart: run the same command; it resumes)"
 	@echo "  Hugging Face $(DEMO_DIR)/hf (transformers.BertForMaskedLM.from_pretrained)"
 
-# Every CPU benchmark in one run (about 26 minutes on 2 cores), then one markdown page from
+# Every CPU benchmark in one run (about 30 minutes on 2 cores), then one markdown page from
 # the results: benchmarks/results/RESULTS.md. One thread per process where a script times arms
 # side by side: the least load-sensitive setting on a small machine. train_vs_hf.py and
 # allocator.py start their own processes with the allocator each arm needs.
@@ -78,7 +78,7 @@ bench: setup
 	$(ALLOC) $(BIN)/python benchmarks/convergence.py --threads 2 --budget-s 100 --no-progress
 	$(ALLOC) $(BIN)/python benchmarks/scaling.py
 	$(ALLOC) $(BIN)/python benchmarks/zero_stages.py --steps 6
-	$(ALLOC) $(BIN)/python benchmarks/model_step.py --threads 1 --repeats 3
+	$(ALLOC) $(BIN)/python benchmarks/model_step.py --threads 1 --repeats 5 --compile
 	$(ALLOC) $(BIN)/python benchmarks/data_pipeline.py --repeats 2
 	$(BIN)/python benchmarks/train_vs_hf.py --rounds 3
 	$(BIN)/python benchmarks/allocator.py --rounds 3

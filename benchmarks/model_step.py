@@ -11,10 +11,17 @@ Arms
   ours_allpos  our model with a label at *every* position, i.e. the same MLM-head work as HF:
                isolates the encoder/implementation difference from the "head only at masked
                positions" saving (disable with --no-allpos)
+  ours_compiled, ours_allpos_compiled (--compile)  the same on a copy of our model whose encoder
+               layers are compiled as `train.py --compile` compiles them
 
 ratio = median(ours) / median(hf); goal: <= 1.0. Equal work: median(ours_allpos) / median(hf);
 goal (fp32): <= 0.85. A correctness column compares the loss (and the gradients) of ours vs HF
 on the same batch in eval mode (no dropout): fp32 should agree to ~1e-5.
+
+GEMM share (CPU): one profiled step per arm splits its time into matrix multiplications (aten
+mm/addmm/bmm) and everything else. HF's share is the floor of the equal-work ratio for any
+implementation that runs HF's GEMMs at HF's GEMM speed and spends nothing on anything else; our
+GEMM-only efficiency is the CPU efficiency our step would have with free non-GEMM work.
 
 CPU efficiency: each arm's model FLOP/s (matmul FLOPs as `sctd_dist.flops` counts them, for the
 positions that arm predicts) over the FLOP/s of the model's own FFN GEMM ([tokens, h] x [h, 4h],
@@ -80,6 +87,8 @@ def parse_args(argv=None):
     p.add_argument("--repeats", type=int, default=None, help="fp32 repeats (default 7, quick 2)")
     p.add_argument("--bf16-repeats", type=int, default=None, help="bf16 repeats (default 3, quick 1)")
     p.add_argument("--no-allpos", action="store_true", help="skip the ours_allpos arm")
+    p.add_argument("--compile", action="store_true",
+                   help="add arms with our encoder layers compiled (torch.compile, as train.py --compile)")
     return p.parse_args(argv)
 
 
@@ -104,15 +113,23 @@ def build_models(name: str, args, ctx, device, dtype_name: str):
     load_hf_state_dict(ours, hf.state_dict())
     ours.to(device)
     hf.to(device)
-    if dtype_name != "fp32" and args.bf16_mode == "cast":
-        ours.to(common.DTYPES[dtype_name])
-        hf.to(common.DTYPES[dtype_name])
+    compiled = None
+    if args.compile:
+        from sctd_dist.parallel.kernels import compile_each
+
+        compiled = BertForMaskedLM(cfg, ctx)
+        compiled.load_state_dict(ours.state_dict())
+        compiled.to(device)
+        compile_each(compiled.bert.encoder.layer)
+    for model in (ours, hf, compiled):
+        if model is not None and dtype_name != "fp32" and args.bf16_mode == "cast":
+            model.to(common.DTYPES[dtype_name])
     info = {"model": name, **overrides,
             "hidden_dropout_prob": cfg.hidden_dropout_prob,
             "attention_probs_dropout_prob": cfg.attention_probs_dropout_prob,
             "hf_attn_implementation": getattr(hf.config, "_attn_implementation", None),
             "params": sum(p.numel() for p in hf.parameters())}
-    return ours, hf, info
+    return ours, hf, compiled, info
 
 
 def autocast_ctx(device, dtype_name, args):
@@ -121,11 +138,11 @@ def autocast_ctx(device, dtype_name, args):
     return torch.autocast(device.type, dtype=common.DTYPES[dtype_name])
 
 
-def make_steps(ours, hf, batch, allpos_labels, device, dtype_name, args):
-    def ours_step(labels=batch["labels"]):
-        ours.zero_grad(set_to_none=True)
+def make_steps(ours, hf, batch, allpos_labels, device, dtype_name, args, compiled=None):
+    def ours_step(labels=batch["labels"], model=ours):
+        model.zero_grad(set_to_none=True)
         with autocast_ctx(device, dtype_name, args):
-            out = ours(batch["input_ids"], batch["attention_mask"], labels, batch["token_type_ids"])
+            out = model(batch["input_ids"], batch["attention_mask"], labels, batch["token_type_ids"])
         out.loss.backward()
         return out.loss
 
@@ -139,6 +156,10 @@ def make_steps(ours, hf, batch, allpos_labels, device, dtype_name, args):
     arms = {"ours": ours_step, "hf": hf_step}
     if allpos_labels is not None:
         arms["ours_allpos"] = lambda: ours_step(allpos_labels)
+    if compiled is not None:
+        arms["ours_compiled"] = lambda: ours_step(model=compiled)
+        if allpos_labels is not None:
+            arms["ours_allpos_compiled"] = lambda: ours_step(allpos_labels, compiled)
     return arms
 
 
@@ -155,6 +176,20 @@ def gemm_arm(tokens: int, cfg, dtype: torch.dtype, device: torch.device):
             F.linear(x, w)
 
     return run, GEMM_REPEATS * 2.0 * tokens * cfg.hidden_size * cfg.intermediate_size
+
+
+GEMM_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm")
+
+
+def gemm_share(step) -> float:
+    """Fraction of one profiled call of `step` spent in matrix multiplications (CPU self time)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        step()
+    events = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in events)
+    return sum(e.self_cpu_time_total for e in events if e.key in GEMM_OPS) / total
 
 
 def model_flops(cfg, batch: int, seq: int, masked_per_seq: float) -> float:
@@ -226,7 +261,7 @@ def main(argv=None) -> int:
     t_start = time.perf_counter()
     for dtype_name in dtypes:
         for name in models:
-            ours, hf, minfo = build_models(name, args, ctx, device, dtype_name)
+            ours, hf, compiled, minfo = build_models(name, args, ctx, device, dtype_name)
             for seq in seqs:
                 bsz = args.batch or table.get((name, seq, dtype_name), 1) * args.batch_mult
                 batch = common.mlm_batch(bsz, seq, args.vocab, args.mask_frac, device, args.seed + seq)
@@ -236,7 +271,7 @@ def main(argv=None) -> int:
                     unl = allpos < 0
                     allpos[unl] = batch["input_ids"][unl]  # a target at every position
                 check = correctness(ours, hf, batch, device, dtype_name, args)
-                arms = make_steps(ours, hf, batch, allpos, device, dtype_name, args)
+                arms = make_steps(ours, hf, batch, allpos, device, dtype_name, args, compiled)
                 arms["gemm"], gemm_flops = gemm_arm(bsz * seq, ours.config, common.DTYPES[dtype_name], device)
                 t0 = time.perf_counter()
                 cpu: dict[str, list[float]] = {}
@@ -245,6 +280,8 @@ def main(argv=None) -> int:
                 med = {k: common.median(v) for k, v in raw.items()}
                 mins = {k: min(v) for k, v in raw.items()}
                 cpu_med = {k: common.median(v) for k, v in cpu.items()}
+                share = ({k: gemm_share(arms[k]) for k in arms if k != "gemm"}
+                         if device.type == "cpu" else None)
                 case = {
                     "model": name, "seq": seq, "dtype": dtype_name, "batch": bsz,
                     "masked_per_seq": int((batch["labels"][0] >= 0).sum()),
@@ -256,6 +293,7 @@ def main(argv=None) -> int:
                     "loadavg_before_after": [load0, common.loadavg()],
                     "tokens_per_s": {k: bsz * seq / v for k, v in med.items()},
                     "ratio_ours_over_hf": med["ours"] / med["hf"],
+                    "ratios_over_hf": {k: v / med["hf"] for k, v in med.items() if k not in ("hf", "gemm")},
                     "ratio_allpos_over_hf": med["ours_allpos"] / med["hf"] if allpos is not None else None,
                     "ratio_ours_over_hf_min": mins["ours"] / mins["hf"],
                     "ratio_ours_over_hf_cpu": cpu_med["ours"] / cpu_med["hf"],
@@ -266,14 +304,22 @@ def main(argv=None) -> int:
                 masked = case["masked_per_seq"]
                 flops = {"ours": model_flops(ours.config, bsz, seq, masked),
                          "hf": model_flops(ours.config, bsz, seq, seq)}
-                if allpos is not None:
-                    flops["ours_allpos"] = flops["hf"]
+                for arm in arms:
+                    if arm.startswith("ours_allpos"):
+                        flops[arm] = flops["hf"]
+                    elif arm == "ours_compiled":
+                        flops[arm] = flops["ours"]
                 gemm_rate = gemm_flops / med["gemm"]
                 case["tokens_per_s"].pop("gemm")
                 case.update(
                     model_flops_per_step=flops, gemm_flops_per_s=gemm_rate,
                     model_flops_per_s={k: f / med[k] for k, f in flops.items()},
-                    cpu_efficiency={k: f / med[k] / gemm_rate for k, f in flops.items()})
+                    cpu_efficiency={k: f / med[k] / gemm_rate for k, f in flops.items()},
+                    gemm_share=share)
+                if share is not None:
+                    case["equal_work_floor"] = share["hf"]
+                    case["gemm_only_efficiency"] = {
+                        k: case["cpu_efficiency"][k] / share[k] for k in flops}
                 case["goals"] = goals_of(case)
                 cases.append(case)
                 eff = case["cpu_efficiency"]
@@ -282,18 +328,22 @@ def main(argv=None) -> int:
                       f"(min {case['ratio_ours_over_hf_min']:.3f}, cpu {case['ratio_ours_over_hf_cpu']:.3f})"
                       + (f" allpos/hf {case['ratio_allpos_over_hf']:.3f}" if allpos is not None else "")
                       + f" | CPU eff ours {eff['ours']:.2f} hf {eff['hf']:.2f}"
+                      + (f" | GEMM share ours {share['ours']:.2f} hf {share['hf']:.2f}" if share else "")
+                      + "".join(f" | {k}/hf {case['ratios_over_hf'][k]:.3f}" for k in arms if k.endswith("_compiled"))
                       + f" | loss diff {check['loss_abs_diff']:.2e} grad rel {check['grad_rel_diff']:.2e}",
                       flush=True)
-            del ours, hf
+            del ours, hf, compiled
 
     headers = ["model", "layers", "seq", "dtype", "batch", "ours tok/s", "ours/HF",
                "ours/HF (min)", "ours_allpos/HF", "CPU eff ours", "CPU eff allpos", "CPU eff HF",
-               "GEMM GFLOP/s", "|loss diff|", "grad rel diff"]
+               "GEMM GFLOP/s", "GEMM share HF (equal-work floor)", "GEMM-only eff ours",
+               "|loss diff|", "grad rel diff"]
     rows = [[c["model"], c["config"]["num_hidden_layers"], c["seq"], c["dtype"], c["batch"],
              round(c["tokens_per_s"]["ours"]), c["ratio_ours_over_hf"], c["ratio_ours_over_hf_min"],
              c["ratio_allpos_over_hf"] if c["ratio_allpos_over_hf"] is not None else "-",
              c["cpu_efficiency"]["ours"], c["cpu_efficiency"].get("ours_allpos", "-"),
              c["cpu_efficiency"]["hf"], c["gemm_flops_per_s"] / 1e9,
+             c.get("equal_work_floor", "-"), c.get("gemm_only_efficiency", {}).get("ours", "-"),
              f"{c['correctness_eval_mode']['loss_abs_diff']:.1e}",
              f"{c['correctness_eval_mode']['grad_rel_diff']:.1e}"] for c in cases]
     md = common.markdown_table(headers, rows)

@@ -17,7 +17,6 @@ from torch.utils.checkpoint import checkpoint
 from sctd_dist.model.config import BertModelConfig
 from sctd_dist.model.router import Routing, gather_tokens, scatter_tokens
 from sctd_dist.parallel import layers as tp
-from sctd_dist.parallel.mappings import all_gather_stacked
 from sctd_dist.parallel.random import checkpoint_context_fn
 from sctd_dist.parallel.state import ParallelContext
 
@@ -216,7 +215,8 @@ PADDED_VOCAB_LOGIT = -1e4
 
 
 class BertLMPredictionHead(nn.Module):
-    """Transform + decoder tied to the (vocab-parallel) word embeddings + vocab-sharded bias."""
+    """Transform + decoder tied to the (vocab-parallel) word embeddings + vocab-sharded bias,
+    with the MLM cross-entropy fused into the decoder (no [n, V] logits outlive the forward)."""
 
     def __init__(self, cfg: BertModelConfig, ctx: ParallelContext) -> None:
         super().__init__()
@@ -224,18 +224,22 @@ class BertLMPredictionHead(nn.Module):
         self.transform = BertPredictionHeadTransform(cfg)
         self.tied = None  # the word embeddings' TiedWeight, set by the model that ties them
         shard = cfg.padded_vocab_size(ctx.tp_size) // ctx.tp_size
+        self.vocab_start = ctx.tp_rank * shard
         self.bias = nn.Parameter(torch.zeros(shard))
         tp.mark_tensor_parallel(self.bias)
         # Why a bias and not a masked_fill of the logits: folded into the GEMM's bias add, the
         # exclusion costs nothing, where a fill pass over [n, V] logits cost ~10% of a small step.
-        padded = torch.arange(ctx.tp_rank * shard, (ctx.tp_rank + 1) * shard) >= cfg.vocab_size
+        padded = torch.arange(self.vocab_start, self.vocab_start + shard) >= cfg.vocab_size
         self.register_buffer("padding_bias", padded.float() * PADDED_VOCAB_LOGIT, persistent=False)
 
-    def forward(self, h: torch.Tensor, decoder_weight: torch.Tensor) -> torch.Tensor:
-        """Vocab-parallel logits [n, V_padded/tp] of replicated hidden states [n, h]."""
+    def forward(self, h: torch.Tensor, decoder_weight: torch.Tensor,
+                targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(per-token loss [n] in fp32, number of rows whose target has the largest logit) of
+        replicated hidden states h [n, hidden] against global target ids [n]."""
         h = self.transform(h)
         bias = self.bias + self.padding_bias.to(self.bias.dtype)
-        return tp.tied_decoder(h, decoder_weight, bias, self.tied, self.ctx)
+        return tp.tied_decoder_cross_entropy(h, decoder_weight, bias, targets, self.vocab_start,
+                                             self.tied, self.ctx)
 
 
 class BertOnlyMLMHead(nn.Module):
@@ -271,7 +275,6 @@ class BertForMaskedLM(nn.Module):
         self.cls = BertOnlyMLMHead(cfg, ctx)
         tp.share_parameter(self.cls.predictions, self.bert.embeddings.word_embeddings.weight)
         self.cls.predictions.tied = self.bert.embeddings.word_embeddings.tied
-        self.vocab_start = ctx.tp_rank * cfg.padded_vocab_size(ctx.tp_size) // ctx.tp_size
 
     def forward(
         self,
@@ -302,32 +305,12 @@ class BertForMaskedLM(nn.Module):
         return out
 
     def _mlm(self, hidden: torch.Tensor, labels: torch.Tensor) -> MLMOutput:
-        from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
-
         selected = labels.reshape(-1) >= 0
         targets = labels.reshape(-1)[selected]
         h = hidden.reshape(-1, hidden.shape[-1])[selected]
-        logits = self.cls.predictions(h, self.bert.embeddings.word_embeddings.weight)
-        logits = logits.float()  # the loss in fp32 whatever the model's dtype (a no-op in fp32)
-        num_correct = self._num_correct(logits.detach(), targets)
-        if self.ctx.tp_size == 1:
-            per_token = F.cross_entropy(logits, targets, reduction="none")
-        else:
-            # It rewrites its input in place: everything else was computed from the logits first.
-            per_token = vocab_parallel_cross_entropy(logits, targets)
-        loss = per_token.mean() if targets.numel() else logits.sum() * 0.0
+        per_token, num_correct = self.cls.predictions(
+            h, self.bert.embeddings.word_embeddings.weight, targets)
+        # With nothing to predict the loss is an exact zero that still reaches every weight.
+        loss = per_token.mean() if targets.numel() else per_token.sum()
         return MLMOutput(loss=loss, per_token_loss=per_token, targets=targets,
                          num_correct=num_correct)
-
-    def _num_correct(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        if targets.numel() == 0:
-            return torch.zeros((), device=logits.device)
-        best, idx = logits.max(dim=-1)
-        idx = idx + self.vocab_start
-        if self.ctx.tp_size > 1:
-            all_best = all_gather_stacked(best, self.ctx.tp_group)
-            all_idx = all_gather_stacked(idx, self.ctx.tp_group)
-            # The first shard holding the maximum wins: the same tie rule as one full argmax.
-            winner = all_best.argmax(dim=0)
-            idx = all_idx.gather(0, winner[None])[0]
-        return (idx == targets).sum().float()

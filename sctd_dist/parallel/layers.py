@@ -79,7 +79,7 @@ def row_parallel_linear(in_features: int, out_features: int, ctx: ParallelContex
 def vocab_parallel_embedding(num_embeddings: int, dim: int, ctx: ParallelContext, std: float,
                              real_rows: int | None = None):
     """Vocabulary-sharded embedding (output replicated over the TP group); a decoder tied to its
-    weight runs through `tied_decoder`.
+    weight runs through `tied_decoder_cross_entropy`.
 
     `real_rows`: the unpadded vocabulary size. Only those rows are drawn at random and padding
     rows start at zero: the padding grows with the TP size, and drawing it too would make the
@@ -97,14 +97,19 @@ def vocab_parallel_embedding(num_embeddings: int, dim: int, ctx: ParallelContext
     )
 
 
-def tied_decoder(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, tied,
-                 ctx: ParallelContext) -> torch.Tensor:
-    """Vocab-parallel logits of replicated rows `h` with the weight of a
-    `vocab_parallel_embedding` (`tied`: its `.tied`): the weight's gradient from both uses is
-    assembled without a second V x h buffer (see `tied_embedding`)."""
-    from sctd_dist.parallel.tied_embedding import decoder
+def tied_decoder_cross_entropy(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                                targets: torch.Tensor, vocab_start: int, tied,
+                                ctx: ParallelContext) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token MLM loss and number correct of replicated rows `h` [n, hidden] against global
+    target ids, with the decoder tied to a `vocab_parallel_embedding`'s weight (`tied`: its
+    `.tied`): one fused decoder + vocab-parallel cross-entropy (`vocab_cross_entropy`), whose
+    weight gradient is assembled without a second V x h buffer (`tied_embedding`)."""
+    from sctd_dist.parallel.tied_embedding import decoder_slot
+    from sctd_dist.parallel.vocab_cross_entropy import decoder_cross_entropy
 
-    return decoder(copy_to_tensor_parallel(h, ctx), weight, bias, tied)
+    group = ctx.tp_group if ctx.tp_size > 1 else None
+    return decoder_cross_entropy(copy_to_tensor_parallel(h, ctx), weight, bias, targets,
+                                 vocab_start, group, decoder_slot(tied))
 
 
 def mark_tensor_parallel(param: torch.Tensor, dim: int = 0) -> None:

@@ -60,26 +60,21 @@ class _Lookup(torch.autograd.Function):
         return None, dense.index_add_(0, index, rows.to(dense.dtype)), None
 
 
-class _Decoder(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                slot: TiedGradient) -> torch.Tensor:
-        ctx.save_for_backward(h, weight)
-        ctx.slot = slot
-        ctx.has_bias = bias is not None
-        return F.linear(h, weight, bias)
+def hand_over(slot: TiedGradient | None, grad_weight: torch.Tensor) -> torch.Tensor | None:
+    """What a decoder's backward returns as its weight's gradient: None when the pass's lookup
+    will return it (added into `slot`), else `grad_weight` itself (no tied pass: plain autograd).
+    `grad_weight` must be a fresh buffer the caller owns."""
+    if slot is None:
+        return grad_weight
+    slot.dense = grad_weight if slot.dense is None else slot.dense.add_(grad_weight)
+    return None
 
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        h, weight = ctx.saved_tensors
-        g = grad.reshape(-1, grad.shape[-1])
-        grad_h = grad.matmul(weight) if ctx.needs_input_grad[0] else None
-        grad_bias = g.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
-        if ctx.needs_input_grad[1]:
-            grad_weight = g.t().mm(h.reshape(-1, h.shape[-1]))  # a fresh, owned V x h buffer
-            slot = ctx.slot
-            slot.dense = grad_weight if slot.dense is None else slot.dense.add_(grad_weight)
-        return grad_h, None, grad_bias, None
+
+def decoder_slot(tied: TiedWeight | None) -> TiedGradient | None:
+    """The pass a decoder reading the tied weight joins (None: its gradient is its own)."""
+    if tied is None or not torch.is_grad_enabled():
+        return None
+    return tied.current
 
 
 def lookup(ids: torch.Tensor, weight: torch.Tensor, tied: TiedWeight) -> torch.Tensor:
@@ -90,11 +85,3 @@ def lookup(ids: torch.Tensor, weight: torch.Tensor, tied: TiedWeight) -> torch.T
     if tied.current is None:
         return F.embedding(ids, weight)
     return _Lookup.apply(ids, weight, tied.current)
-
-
-def decoder(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-            tied: TiedWeight | None) -> torch.Tensor:
-    """`F.linear(h, weight, bias)` for the decoder tied to the last `lookup` of `tied`."""
-    if tied is None or tied.current is None or not torch.is_grad_enabled():
-        return F.linear(h, weight, bias)
-    return _Decoder.apply(h, weight, bias, tied.current)

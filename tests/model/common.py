@@ -6,6 +6,7 @@ import contextlib
 from typing import Iterator
 
 import torch
+import torch.nn.functional as F
 
 from sctd_dist.model.config import BertModelConfig
 
@@ -57,10 +58,17 @@ def hf_reference_state(cfg: BertModelConfig, seed: int = 0) -> dict[str, torch.T
 @contextlib.contextmanager
 def captured_logits(model) -> Iterator[list[torch.Tensor]]:
     """Collects the vocab-parallel logits [n_masked, V_padded/tp] of every forward of `model`'s
-    (a BertForMaskedLM) MLM head, copied before the loss rewrites them in place."""
+    (a BertForMaskedLM) MLM head. The head fuses its decoder with the loss and keeps no logits,
+    so they are recomputed here from the transformed rows, this rank's weight shard and bias."""
     seen: list[torch.Tensor] = []
-    hook = model.cls.predictions.register_forward_hook(
-        lambda module, args, out: seen.append(out.detach().float().clone()))
+    head = model.cls.predictions
+    weight = model.bert.embeddings.word_embeddings.weight
+
+    def logits(module, args, out: torch.Tensor) -> None:
+        bias = head.bias + head.padding_bias.to(head.bias.dtype)
+        seen.append(F.linear(out.detach(), weight.detach(), bias.detach()).float())
+
+    hook = head.transform.register_forward_hook(logits)
     try:
         yield seen
     finally:

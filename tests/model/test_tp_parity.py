@@ -44,7 +44,7 @@ def initial_model(cfg, ctx) -> tuple[dict[str, torch.Tensor], bool]:
     from sctd_dist.model.bert import BertForMaskedLM
 
     model = BertForMaskedLM(cfg, ctx)
-    padding = model.bert.embeddings.word_embeddings.weight[max(0, cfg.vocab_size - model.vocab_start):]
+    padding = model.bert.embeddings.word_embeddings.weight[max(0, cfg.vocab_size - model.cls.predictions.vocab_start):]
     return gather_hf_state_dict(model), bool((padding == 0).all())
 
 
