@@ -57,7 +57,7 @@ class _DecoderCrossEntropy(torch.autograd.Function):
         shard_max = probs.amax(dim=-1)
         # In place: the logits are not needed once their softmax exists (an out-of-place
         # softmax would also pay page faults on a fresh [n, V] buffer every step).
-        torch._softmax(probs, -1, False, out=probs)
+        torch.softmax(probs, -1, out=probs)
         # The largest probability of a shard's softmax is exp(0) / its normaliser.
         shard_norm = probs.amax(dim=-1).reciprocal()
         if group is None:
