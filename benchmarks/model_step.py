@@ -329,7 +329,8 @@ def main(argv=None) -> int:
                       + (f" allpos/hf {case['ratio_allpos_over_hf']:.3f}" if allpos is not None else "")
                       + f" | CPU eff ours {eff['ours']:.2f} hf {eff['hf']:.2f}"
                       + (f" | GEMM share ours {share['ours']:.2f} hf {share['hf']:.2f}" if share else "")
-                      + "".join(f" | {k}/hf {case['ratios_over_hf'][k]:.3f}" for k in arms if k.endswith("_compiled"))
+                      + "".join(f" | {k}/hf {case['ratios_over_hf'][k]:.3f}"
+                                for k in arms if k.endswith("_compiled"))
                       + f" | loss diff {check['loss_abs_diff']:.2e} grad rel {check['grad_rel_diff']:.2e}",
                       flush=True)
             del ours, hf, compiled

@@ -75,7 +75,7 @@ class _DecoderCrossEntropy(torch.autograd.Function):
         grad_logits = probs.to(logits.dtype)
         ctx.save_for_backward(h, weight, grad_logits)
         ctx.slot = slot
-        ctx.has_bias = bias is not None
+        ctx.bias_dtype = None if bias is None else bias.dtype
         ctx.mark_non_differentiable(num_correct)
         return per_token, num_correct
 
@@ -85,14 +85,18 @@ class _DecoderCrossEntropy(torch.autograd.Function):
         if grad_per_token is None:
             grad_per_token = torch.zeros(grad_logits.shape[0], device=grad_logits.device)
         g = _at_least_fp32(grad_per_token)
+        # The GEMMs run in the logits' dtype, as the forward's did (under autocast the inputs may
+        # be fp32 and the logits bf16; the backward runs outside autocast); each gradient is
+        # returned in its input's dtype. Every cast is a no-op without autocast.
+        dtype = grad_logits.dtype
         grad_h = grad_bias = grad_weight = None
         if ctx.needs_input_grad[0]:  # the [n, hidden] product scaled in fp32 (a no-op copy in fp32)
-            grad_h = _at_least_fp32(grad_logits.mm(weight)).mul_(g[:, None]).to(h.dtype)
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            grad_bias = grad_logits.t().mv(g.to(grad_logits.dtype))
+            grad_h = _at_least_fp32(grad_logits.mm(weight.to(dtype))).mul_(g[:, None]).to(h.dtype)
+        if ctx.bias_dtype is not None and ctx.needs_input_grad[2]:
+            grad_bias = grad_logits.t().mv(g.to(dtype)).to(ctx.bias_dtype)
         if ctx.needs_input_grad[1]:
-            scaled = (_at_least_fp32(h) * g[:, None]).to(h.dtype)
-            grad_weight = hand_over(ctx.slot, grad_logits.t().mm(scaled))
+            scaled = (_at_least_fp32(h) * g[:, None]).to(dtype)
+            grad_weight = hand_over(ctx.slot, grad_logits.t().mm(scaled).to(weight.dtype))
         return grad_h, grad_weight, grad_bias, None, None, None, None
 
 

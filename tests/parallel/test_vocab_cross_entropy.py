@@ -1,8 +1,8 @@
 """The fused decoder + cross-entropy (`sctd_dist.parallel.vocab_cross_entropy`) against the plain
 chain `F.linear` -> `F.cross_entropy` (and `argmax` for accuracy): loss, number correct and every
-gradient under a non-uniform upstream gradient, in fp64 / fp32 / bf16, with an empty batch, with
-padded vocabulary entries, and vocabulary-sharded over 2 gloo ranks; and it keeps a single
-[n, V] buffer for the backward where the plain chain keeps more.
+gradient under a non-uniform upstream gradient, in fp64 / fp32 / bf16 and under autocast, with an
+empty batch, with padded vocabulary entries, and vocabulary-sharded over 2 gloo ranks; and it
+keeps a single [n, V] buffer for the backward where the plain chain keeps more.
 """
 
 from __future__ import annotations
@@ -21,7 +21,8 @@ def problem(dtype: torch.dtype, n: int = N, seed: int = 0) -> dict[str, torch.Te
     g = torch.Generator().manual_seed(seed)
     bias = torch.randn(PADDED, generator=g) * 0.1
     bias[V:] = -1e4  # what the model adds to padded entries
-    return {"h": torch.randn(n, H, generator=g).to(dtype), "weight": torch.randn(PADDED, H, generator=g).to(dtype),
+    return {"h": torch.randn(n, H, generator=g).to(dtype),
+            "weight": torch.randn(PADDED, H, generator=g).to(dtype),
             "bias": bias.to(dtype), "targets": torch.randint(0, V, (n,), generator=g),
             "upstream": torch.rand(n, generator=g, dtype=torch.float64)}
 
@@ -55,13 +56,30 @@ def assert_matches(got: dict, ref: dict, tol: float, shard: slice = slice(None))
         assert err <= tol, f"{key}: relative error {err:.2e} > {tol:.0e}"
 
 
-@pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-12), (torch.float32, 1e-6), (torch.bfloat16, 3e-2)],
+@pytest.mark.parametrize("dtype, tol",
+                         [(torch.float64, 1e-12), (torch.float32, 1e-6), (torch.bfloat16, 3e-2)],
                          ids=["fp64", "fp32", "bf16"])
 def test_equals_linear_then_cross_entropy(dtype: torch.dtype, tol: float) -> None:
     p = problem(dtype)  # the fp64 reference starts from the same (rounded) inputs
     got = fused(p)
     assert_matches(got, reference(p), tol)
     assert (got["weight"][V:] == 0).all() and (got["bias"][V:] == 0).all()  # padding never learns
+
+
+def test_under_autocast_gradients_come_back_in_the_parameters_dtype() -> None:
+    """fp32 inputs, bf16 logits (what autocast makes of the GEMM), against the plain chain under
+    the same autocast; the backward runs outside autocast and must not mix dtypes."""
+    p = problem(torch.float32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = fused(p)
+        h, w, b = (p[k].clone().requires_grad_() for k in ("h", "weight", "bias"))
+        loss = F.cross_entropy(F.linear(h, w, b).float(), p["targets"], reduction="none")
+    (loss * p["upstream"].float()).sum().backward()
+    assert {got[k].dtype for k in ("h", "weight", "bias")} == {torch.float32}
+    torch.testing.assert_close(got["loss"], loss.detach(), rtol=1e-5, atol=1e-5)
+    for key, ref in (("h", h.grad), ("weight", w.grad), ("bias", b.grad)):
+        err = (got[key] - ref).abs().max().item() / ref.abs().max().item()
+        assert err <= 3e-2, f"{key}: relative error {err:.2e}"
 
 
 def test_a_target_that_wins_counts_as_correct() -> None:
