@@ -209,7 +209,7 @@ class BertPredictionHeadTransform(nn.Module):
         return self.LayerNorm(self.act(self.dense(x)))
 
 
-# Added to the logits of padded vocabulary entries: they never win the softmax or the argmax
+# Added to the logits of padded vocabulary entries: they never win the softmax or the maximum
 # (probability exp(-1e4) = 0), and the value fits fp16 and bf16 without overflow.
 PADDED_VOCAB_LOGIT = -1e4
 
@@ -258,7 +258,7 @@ class MLMOutput(NamedTuple):
     loss: torch.Tensor | None  # mean MLM loss over this replica's masked positions
     per_token_loss: torch.Tensor | None  # [n_masked], inputs for the importance update
     targets: torch.Tensor | None  # [n_masked] target ids
-    num_correct: torch.Tensor | None  # scalar, argmax == target over the full vocabulary
+    num_correct: torch.Tensor | None  # scalar, rows whose target has the largest logit (over all shards)
     cls_penultimate: torch.Tensor | None = None  # [b, h] [CLS] at the output of layer L-2
     cls_final: torch.Tensor | None = None  # [b, h] [CLS] at the final layer
 
