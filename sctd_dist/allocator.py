@@ -63,6 +63,9 @@ class Allocator:
         return "system default malloc"
 
 
+SYSTEM = Allocator("system")  # the process's own malloc, untouched
+
+
 def find_library(name: str, dirs: Sequence[str] = _LIBRARY_DIRS) -> str | None:
     """Path of the shared library of allocator `name`, searched in the usual system folders and
     this Python's own prefix (conda environments ship their own)."""
@@ -83,7 +86,7 @@ def choose(env: Mapping[str, str] | None = None) -> Allocator:
     if wanted not in CHOICES:
         raise ValueError(f"{ENV_CHOICE}={wanted!r} is not one of {', '.join(CHOICES)}")
     if wanted == "system":
-        return Allocator("system")
+        return SYSTEM
     for name in _LIBRARIES:
         if wanted in ("auto", name):
             path = find_library(name)
@@ -120,16 +123,14 @@ def in_use() -> str:
             if stem in line:
                 return f"{name} ({line.split()[-1]})"
     tuned = {k: os.environ[k] for k in _SETTINGS["glibc"] if k in os.environ}
-    if tuned:
-        return "glibc malloc, tuned (" + " ".join(f"{k}={v}" for k, v in tuned.items()) + ")"
-    return "system default malloc"
+    return (Allocator("glibc", settings=tuned) if tuned else SYSTEM).describe()
 
 
 def reexec_with_tuned_allocator() -> None:
     """Restart this Python program under the tuned allocator unless it already runs with one
     (for scripts that users start directly, such as the benchmarks). Returns when nothing is to
     be done; `SCTD_ALLOCATOR=system` opts out."""
-    if os.environ.get(_APPLIED) or in_use() != "system default malloc":
+    if os.environ.get(_APPLIED) or in_use() != SYSTEM.describe():
         return
     allocator = choose()
     if allocator.name == "system":

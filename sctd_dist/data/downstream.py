@@ -35,6 +35,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Iterable, Sequence
 
+from sctd_dist.coordination import atomic_write
+
 from .sample import DEFAULT_TARGET_BYTES, docstring_prose, read_source, sample_corpus_documents
 
 TASKS = ("stdlib-topic", "stdlib-samedoc")
@@ -197,9 +199,7 @@ def write_suite(out_dir: str | Path, seed: int = 0, tasks: Sequence[str] = TASKS
         paths[name] = {}
         for split, rows in build_task(name, seed).items():
             path = folder / f"{split}.jsonl"
-            tmp = path.with_name(path.name + ".tmp")
-            tmp.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in rows), encoding="utf-8")
-            tmp.replace(path)
+            atomic_write(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
             paths[name][split] = path
     return paths
 

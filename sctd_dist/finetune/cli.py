@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import tempfile
 import time
@@ -18,6 +17,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+from sctd_dist.coordination import atomic_write
 from sctd_dist.finetune.tasks import KINDS, NAMED_TASKS, OFFLINE_TASKS
 from sctd_dist.finetune.trainer import Job, TrainSettings
 
@@ -174,12 +174,6 @@ def _load_data(cfg: FinetuneConfig) -> list:
     return [subsample(d, cfg.max_train_samples, cfg.max_eval_samples) for d in data]
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def run(cfg: FinetuneConfig, argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Validate everything, fine-tune the grid, write results.json / results.md; returns the results."""
     from sctd_dist.finetune.features import write_features
@@ -239,8 +233,8 @@ def run(cfg: FinetuneConfig, argv: Sequence[str] | None = None) -> dict[str, Any
           f"{[f'{lr:g}' for lr in cfg.learning_rates]} (by the median of the task's metrics).", "", table]
     if notes:
         md += ["", *notes]
-    _write_atomic(cfg.out / "results.json", json.dumps(results, indent=2) + "\n")
-    _write_atomic(cfg.out / "results.md", "\n".join(md) + "\n")
+    atomic_write(cfg.out / "results.json", json.dumps(results, indent=2) + "\n")
+    atomic_write(cfg.out / "results.md", "\n".join(md) + "\n")
     return results
 
 
