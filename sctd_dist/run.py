@@ -97,7 +97,9 @@ def build_run(cfg: TrainConfig) -> Run:
     logger.event("start" if plan is None else "resume", step=start_step,
                  consumed_samples=loader.consumed_samples, checkpoint=None if plan is None else plan.source_tag,
                  world_size=ctx.world_size, dp_size=ctx.dp_size, tp_size=ctx.tp_size,
-                 precision=str(precision(ds)), zero_stage=zero_stage(ds), **runtime)
+                 precision=str(precision(ds)), zero_stage=zero_stage(ds), **runtime,
+                 # micro-batches with padding run attention with a mask (no FlashAttention)
+                 attention_mask_share=loader.padded_share(min(cfg.train_iters - start_step, 100)))
     if plan is not None:
         log_resume_changes(logger, plan, ctx, start_step, loader.consumed_samples, cfg.keep_data_position)
     flops = partial(step_flops, model_cfg, cfg.token_drop, cfg.seq_length,

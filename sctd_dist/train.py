@@ -28,7 +28,9 @@ from sctd_dist.run import Run, build_run
 
 
 def _to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+    from sctd_dist.data.loader import HOST_KEYS
+
+    return {k: v if k in HOST_KEYS else v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
 def train_step(run: Run, step: int) -> dict[str, Any]:
