@@ -33,7 +33,7 @@ from sctd_dist.metrics import MetricsLogger
 from sctd_dist.model.config import BertModelConfig
 from sctd_dist.model.pretraining import PretrainingModel, check_layout
 from sctd_dist.parallel import MegatronMPU, ParallelContext, check_tp_size, initialize, launch_env
-from sctd_dist.parallel.kernels import sdpa_backend
+from sctd_dist.parallel.kernels import allow_tf32, sdpa_backend
 
 
 @dataclass
@@ -93,6 +93,7 @@ def build_run(cfg: TrainConfig) -> Run:
                            total_steps=cfg.train_iters, start_step=start_step, progress=cfg.progress)
     plan = checkpointer.plan
     runtime = runtime_info(model_cfg, ctx, cfg.seq_length, precision(ds), cfg.compile)
+    runtime["tf32"] = allow_tf32(precision(ds), ctx.device)
     logger.announce(runtime)
     logger.event("start" if plan is None else "resume", step=start_step,
                  consumed_samples=loader.consumed_samples, checkpoint=None if plan is None else plan.source_tag,

@@ -105,6 +105,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as exc:  # configuration errors: one clear line, no traceback
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    finally:  # NCCL warns of (and may hang on) a process group left to the interpreter's exit
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
     if is_rank0():
         print(json.dumps(summary, indent=2))
     return 0
