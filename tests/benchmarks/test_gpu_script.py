@@ -106,6 +106,8 @@ def test_a_compiled_arm_runs_train_py_with_compile(data_dir: Path, tmp_path: Pat
     start = [json.loads(line) for line in (Path(arm["log_dir"]) / "metrics.jsonl").read_text().splitlines()
              if '"event": "start"' in line]
     assert start and start[0]["compile"] is True and start[0]["sdpa_backend"] == arm["sdpa_backend"]
+    # fp32 on a CPU: no TF32; the share of micro-batches that attend with a mask is a share.
+    assert start[0]["tf32"] is False and 0.0 <= start[0]["attention_mask_share"] <= 1.0
 
 
 def test_arms_beyond_the_time_budget_are_skipped(data_dir: Path, tmp_path: Path) -> None:
