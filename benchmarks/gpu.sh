@@ -162,7 +162,9 @@ else
     if ! ready "$PYTHON"; then
         # A virtual environment that sees the system's packages (its CUDA torch): externally
         # managed Pythons (Debian 12, Ubuntu 23.04+) refuse installs into the system itself.
-        VENV=${SCTD_BENCH_VENV:-$ROOT/.venv-bench}
+        # An interpreter that already runs in one is used as it is (venvs do not nest).
+        VENV=$("$BASE" -c 'import sys; print(sys.prefix if sys.prefix != sys.base_prefix else "")')
+        VENV=${VENV:-${SCTD_BENCH_VENV:-$ROOT/.venv-bench}}
         [[ -x $VENV/bin/python ]] || "$BASE" -m venv --system-site-packages "$VENV" \
             || fail "could not make the virtual environment $VENV with $BASE (install python3-venv)" 4
         PYTHON=$VENV/bin/python
