@@ -564,7 +564,7 @@ def main(argv: list[str] | None = None) -> int:
     corpus: dict[int, str | None] = {}
     for i, arm in enumerate(arms, 1):
         seq = arm["seq_length"]
-        if seq not in corpus and not arm.get("skip_reason"):
+        if seq not in corpus and not arm.get("skip_reason") and budget.fits(arm["compile"]):
             corpus[seq] = prepare_data(args.data_cache, seq, min(args.corpus_timeout, max(1.0, budget.left())))
         if corpus.get(seq):
             arm["skip_reason"] = corpus[seq]
