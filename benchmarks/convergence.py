@@ -76,7 +76,6 @@ class Arm:
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
         self.opt.step()
         self.sched.step()
-        self.model.update_importance()
         loss = float(torch.stack(losses).mean())
         self.step += 1
         self.train_s += time.perf_counter() - t0

@@ -108,8 +108,7 @@ def test_importance_update_uses_the_dropping_pass_losses(ctx1):
     with torch.no_grad():
         ref = model.mlm(batch["input_ids"], batch["attention_mask"], batch["labels"],
                         routing=routing, split_layer=model.split_layer)
-    model(batch, step=1)
-    model.update_importance()
+    model(batch, step=1)  # one micro-batch per step: its forward updates the table
     after = model.importance.scores
     for v in ref.targets.unique().tolist():
         if v in SPECIALS.all:
