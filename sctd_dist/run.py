@@ -212,7 +212,7 @@ def open_data(cfg: TrainConfig) -> tuple[Path, PackedDataset, PackedDataset]:
     built on first use and cached in --data-cache."""
     data_dir = cfg.data_path
     if data_dir is None:
-        from sctd_dist.data.prepare import ensure_sample_dataset
+        from sctd_dist.data.sample_cache import ensure_sample_dataset
 
         # Every rank calls this before any process group exists: the builder's file lock lets
         # the first build while the others wait, then reuse. One process builds (no worker

@@ -197,7 +197,3 @@ class ValidationDataLoader:
             rows = self.dataset.get_rows(idx[real])
             inputs[real], labels[real] = self._mask(rows, np.zeros(int(real.sum()), np.int64), idx[real])
         return _to_batch(inputs, labels, specials.pad)
-
-    def __iter__(self):
-        for step in range(len(self)):
-            yield self.batch(step)

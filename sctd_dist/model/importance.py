@@ -121,10 +121,6 @@ class TokenImportance(torch.nn.Module):
         return dist.get_world_size(self.dp_group)
 
     # --------------------------------------------------------------------- API
-    def lookup(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """Scores (fp32) of ``input_ids``, same shape as ``input_ids``."""
-        return self.scores[input_ids]
-
     def per_id_loss_stats(
         self, target_ids: torch.Tensor, per_token_loss: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:

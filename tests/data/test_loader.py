@@ -167,7 +167,7 @@ def test_validation_loader(prepared) -> None:
     assert len({len(ld) for ld in loaders}) == 1 and len(loaders[0]) == -(-n // 12)
     seen = []
     for r, ld in enumerate(loaders):
-        first_pass, second_pass = list(ld), list(ld)
+        first_pass, second_pass = ([ld.batch(i) for i in range(len(ld))] for _ in range(2))
         assert all(_equal(a, b) for a, b in zip(first_pass, second_pass))  # fixed masks
         for step, b in enumerate(first_pass):
             idx = ld.sample_indices(step)
