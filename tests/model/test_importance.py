@@ -52,9 +52,6 @@ def test_initial_table_pinned_and_registered_as_buffer() -> None:
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        (dict(beta=1.0), "beta"),
-        (dict(beta=-0.1), "beta"),
-        (dict(beta=float("nan")), "beta"),
         (dict(high_ids=(2, V)), "high id"),
         (dict(high_ids=(-1,)), "high id"),
         (dict(pad_id=V), "pad_id"),
