@@ -14,12 +14,14 @@ import argparse
 import shutil
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 import torch
 
 from sctd_dist import checkpoint, run_record
+from sctd_dist.flags import add_flags, flag, from_flags
 from sctd_dist.hf import merge_shards, save_hf
 from sctd_dist.model.config import BertModelConfig
 from sctd_dist.run_record import RunRecord
@@ -112,13 +114,20 @@ def export(checkpoint_dir: Path, out: Path, tag: str | None = None, *, overwrite
     return out
 
 
+@dataclass
+class ExportConfig:
+    """The flags of `python -m sctd_dist.export`."""
+
+    checkpoint: Path = flag(help="the --save folder of a run")
+    out: Path = flag(help="the Hugging Face folder to write")
+    tag: str | None = flag(None, "checkpoint tag (default: the newest complete one)")
+    overwrite: bool = flag(False, "replace the model in an existing --out folder")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="sctd_dist.export", description=__doc__.split("\n\n")[1])
-    p.add_argument("--checkpoint", type=Path, required=True, help="the --save folder of a run")
-    p.add_argument("--tag", help="checkpoint tag (default: the newest complete one)")
-    p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--overwrite", action="store_true", help="replace the model in an existing --out folder")
-    a = p.parse_args(argv)
+    add_flags(p, ExportConfig)
+    a = from_flags(ExportConfig, p.parse_args(argv))
     try:
         out = export(a.checkpoint, a.out, a.tag, overwrite=a.overwrite)
     except ValueError as exc:

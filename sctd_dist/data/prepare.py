@@ -26,10 +26,12 @@ import json
 import logging
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from sctd_dist.coordination import atomic_write
+from sctd_dist.flags import add_flags, flag, from_flags
 
 from .corpus_tokenizer import model_positions, obtain_tokenizer, save_tokenizer
 from .dataset import FORMAT, FORMAT_VERSION, METADATA_FILE, TOKENIZER_DIR, read_metadata
@@ -159,37 +161,41 @@ def _finish(out: Path, meta: dict, seconds: float) -> None:
 
 # ----------------------------------------------------------------------------- CLI
 
+@dataclass
+class PrepareConfig:
+    """The flags of `python -m sctd_dist.data.prepare`."""
+
+    input: list[str] = flag(help="local .txt/.jsonl/.parquet files or folders (also save_to_disk folders "
+                            "and globs), or Hub datasets NAME[:CONFIG[:SPLIT]]", metavar="SRC")
+    seq_length: int = flag(help="tokens per row", metavar="N")
+    out: str = flag(help="the prepared folder", metavar="DIR")
+    tokenizer: str | None = flag(None, "a fast BERT tokenizer (hub name or folder)", metavar="NAME_OR_DIR")
+    train_tokenizer: int | None = flag(None, "train a WordPiece tokenizer of this size on the corpus "
+                                       "(give this or --tokenizer)", metavar="VOCAB_SIZE")
+    num_proc: int = flag(1, "worker processes", metavar="P")
+    validation_fraction: float = flag(0.01, "share of documents held out", metavar="F")
+    seed: int = flag(1234, "seed of the validation split")
+    text_column: str = flag("text", "column holding the text")
+    txt_sample_by: str = flag("line", "what one document of a .txt file is",
+                              choices=("line", "paragraph", "document"))
+    max_position_embeddings: int | None = flag(None, "fail early if --seq-length exceeds the model's positions")
+    cased: bool = flag(False, "trained tokenizer keeps case (default: lowercase)")
+    shard_mb: float = flag(SHARD_TARGET_BYTES / (1 << 20), "text per shard for large corpora (MiB)")
+    progress: bool = flag(True, "no progress bar", name="--no-progress")
+
+
 def build_parser() -> argparse.ArgumentParser:
+    """The parser of every `PrepareConfig` flag."""
     p = argparse.ArgumentParser(
         prog="python -m sctd_dist.data.prepare",
         description="Tokenize and pack a corpus into memory-mapped shards for BERT pretraining.")
-    p.add_argument("--input", nargs="+", required=True, metavar="SRC",
-                   help="local .txt/.jsonl/.parquet files or folders (also save_to_disk folders and "
-                        "globs), or Hub datasets NAME[:CONFIG[:SPLIT]]")
-    tok = p.add_mutually_exclusive_group(required=True)
-    tok.add_argument("--tokenizer", metavar="NAME_OR_DIR", help="a fast BERT tokenizer (hub name or folder)")
-    tok.add_argument("--train-tokenizer", type=int, metavar="VOCAB_SIZE",
-                     help="train a WordPiece tokenizer of this size on the corpus")
-    p.add_argument("--seq-length", type=int, required=True, metavar="N")
-    p.add_argument("--out", required=True, metavar="DIR")
-    p.add_argument("--num-proc", type=int, default=1, metavar="P")
-    p.add_argument("--validation-fraction", type=float, default=0.01, metavar="F")
-    p.add_argument("--seed", type=int, default=1234)
-    p.add_argument("--text-column", default="text", help="column holding the text (default: text)")
-    p.add_argument("--txt-sample-by", default="line", choices=("line", "paragraph", "document"),
-                   help="what one document of a .txt file is (default: a line)")
-    p.add_argument("--max-position-embeddings", type=int, default=None,
-                   help="fail early if --seq-length exceeds the model's positions")
-    p.add_argument("--cased", action="store_true", help="trained tokenizer keeps case (default: lowercase)")
-    p.add_argument("--shard-mb", type=float, default=SHARD_TARGET_BYTES / (1 << 20),
-                   help="text per shard for large corpora (MiB)")
-    p.add_argument("--no-progress", action="store_true")
+    add_flags(p, PrepareConfig)
     return p
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = from_flags(PrepareConfig, parser.parse_args(argv))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
     try:
         out = prepare_corpus(
@@ -197,8 +203,7 @@ def main(argv: list[str] | None = None) -> None:
             train_tokenizer_vocab=args.train_tokenizer, num_proc=args.num_proc,
             validation_fraction=args.validation_fraction, seed=args.seed, text_column=args.text_column,
             text_sample_by=args.txt_sample_by, max_position_embeddings=args.max_position_embeddings,
-            lowercase=not args.cased, shard_bytes=int(args.shard_mb * (1 << 20)),
-            progress=not args.no_progress)
+            lowercase=not args.cased, shard_bytes=int(args.shard_mb * (1 << 20)), progress=args.progress)
     except (ValueError, FileNotFoundError) as err:
         parser.exit(2, f"error: {err}\n")
     meta = read_metadata(out)

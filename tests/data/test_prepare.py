@@ -304,3 +304,19 @@ def test_sample_dataset_is_built_once_and_fast(tmp_path) -> None:
     assert ensure_sample_dataset(tmp_path, seq_length=128, vocab_size=8192) == out
     assert time.perf_counter() - t0 < 2.0
     assert len(load_tokenizer(out)) == 8192
+
+
+def test_cli_flags_come_from_one_declaration(tmp_path, capsys) -> None:
+    from sctd_dist.data.prepare import PrepareConfig, build_parser, main
+    from sctd_dist.flags import from_flags
+
+    cfg = from_flags(PrepareConfig, build_parser().parse_args(
+        ["--input", "a.txt", "b.jsonl", "--seq-length", "64", "--out", "o", "--no-progress"]))
+    assert cfg.input == ["a.txt", "b.jsonl"] and cfg.seq_length == 64 and cfg.progress is False
+    with pytest.raises(SystemExit) as exc:  # a required flag missing: argparse's one line
+        main(["--input", "a.txt", "--out", str(tmp_path / "o")])
+    assert exc.value.code == 2 and "--seq-length" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        main(["--input", "a.txt", "--seq-length", "64", "--out", str(tmp_path / "o")])
+    assert exc.value.code == 2 and "give exactly one of --tokenizer" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()  # refused before any file was written
