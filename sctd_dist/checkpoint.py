@@ -40,7 +40,7 @@ import numpy as np
 import torch
 
 from sctd_dist import reshard, run_record
-from sctd_dist.coordination import atomic_write, barrier, is_rank0, rank, say, spread, world_size
+from sctd_dist.coordination import atomic_write, barrier, is_rank0, rank, say, share_work, world_size
 from sctd_dist.parallel.random import SHARDED_RNG
 from sctd_dist.run_record import RunRecord, RunRecordError
 
@@ -204,7 +204,7 @@ def _checksum(path: Path) -> list[int]:
 
 def checksums_of(folder: Path, names: list[str]) -> dict[str, list[int]]:
     """`{name: [size, CRC-32]}` of the named files of `folder`, each file read by one rank."""
-    return spread(lambda name: _checksum(folder / name), names)
+    return share_work(lambda name: _checksum(folder / name), names)
 
 
 def checksums(folder: Path) -> dict[str, list[int]]:
@@ -468,7 +468,7 @@ class Checkpointer:
                 work()
             except Exception as exc:  # OSError, torch's RuntimeError("... file write failed"), ...
                 error = first_line(exc)
-        errors = [e for e in spread(lambda _: error, list(range(world_size()))).values() if e]
+        errors = [e for e in share_work(lambda _: error, list(range(world_size()))).values() if e]
         if not errors:
             return
         if is_rank0():

@@ -71,7 +71,7 @@ def atomic_write(path: str | Path, data: str | bytes) -> Path:
     return path
 
 
-def spread(fn: Callable[[T], Any], items: list[T]) -> dict[T, Any]:
+def share_work(fn: Callable[[T], Any], items: list[T]) -> dict[T, Any]:
     """`{item: fn(item)}` for every item, each computed on one rank (round robin) and shared
     with all: for per-file work such as checksums, which no rank should do alone."""
     mine = {item: fn(item) for i, item in enumerate(items) if i % world_size() == rank()}
