@@ -205,7 +205,7 @@ def test_restart_without_latest_over_a_truncated_checkpoint(straight_runs, data_
     got = launch.losses(tmp_path / "job" / "logs")
     assert sorted(got) == list(range(6, STEPS)) and all(got[s] == ref[s] for s in got)
     assert (ckpt / checkpoint.LATEST).read_text() == "global_step12"
-    assert checkpoint.verify(ckpt, "global_step12")["step"] == 12  # replaced by a whole one
+    assert checkpoint.verify(ckpt, "global_step12").step == 12  # replaced by a whole one
     assert (ckpt / "global_step6" / "mp_rank_00_model_states.pt").read_bytes() == good
 
 
