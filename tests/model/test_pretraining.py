@@ -120,6 +120,24 @@ def test_importance_update_uses_the_dropping_pass_losses(ctx1):
     assert torch.equal(after[untouched], before[untouched])
 
 
+def test_the_importance_table_moves_once_per_step_after_its_last_micro_batch(ctx1):
+    model = _model(ctx1, mode="vanilla", importance_beta=0.9)
+    model.micro_batches_per_step = 2
+    first, second = make_batch(seq=16, seed=1), make_batch(seq=16, seed=2)
+    before = model.importance.scores.clone()
+    model(first, step=0)
+    assert torch.equal(model.importance.scores, before)  # mid-step: the routing stays the same
+    model(second, step=0)
+    moved = model.importance.scores.clone()
+    assert not torch.equal(moved, before)
+    one_step = _model(ctx1, mode="vanilla", importance_beta=0.9)  # both micro-batches' losses at once
+    one_step(dict((k, torch.cat([first[k], second[k]])) for k in first), step=0)
+    torch.testing.assert_close(moved, one_step.importance.scores)
+    model.eval()
+    model(first, step=1)  # evaluation passes leave the table alone
+    assert torch.equal(model.importance.scores, moved)
+
+
 def test_sequence_length_checked_against_the_layout():
     drop = TokenDropConfig(mode="vanilla", keep_ratio=0.5)
     with pytest.raises(ValueError, match="not divisible by TP=2"):
