@@ -396,7 +396,7 @@ def prepare_data(cache: Path, seq: int, timeout: float) -> str | None:
     """Build the embedded sample corpus at length `seq` (in a child process with a time limit),
     just before the first arm that needs it: the first result does not wait for the other
     lengths, and the arms only read the cache. Returns the error, or None."""
-    code = ("import sys; from pathlib import Path; from sctd_dist.data.prepare import ensure_sample_dataset; "
+    code = ("import sys; from pathlib import Path; from sctd_dist.data.sample_cache import ensure_sample_dataset; "
             "print(ensure_sample_dataset(Path(sys.argv[1]), seq_length=int(sys.argv[2])))")
     t0 = time.perf_counter()
     try:
