@@ -31,7 +31,8 @@ $(STAMP): pyproject.toml
 	@if ! command -v mpicc >/dev/null 2>&1; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
 	    echo "installing OpenMPI (needed by mpi4py)"; \
-	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libopenmpi-dev openmpi-bin >/dev/null; \
+	    { timeout 300 apt-get update -qq && DEBIAN_FRONTEND=noninteractive timeout 600 apt-get install -y -qq libopenmpi-dev openmpi-bin >/dev/null; } \
+	      || echo "warning: could not install OpenMPI (no package mirror?); mpirun launches need it, everything else runs without" >&2; \
 	  else echo "warning: mpicc not found and not root; install OpenMPI for mpi4py" >&2; fi; \
 	fi
 	@# A tuned CPU allocator (sctd_dist/allocator.py); training still runs without it.

@@ -16,12 +16,19 @@
 # All flags: benchmarks/gpu.sh --help. CPU smoke run: --device-kind cpu --model tiny --seqs 64.
 #
 # Setup, when `import deepspeed, megatron.core, datasets` fails in the interpreter found first
-# (.venv/bin/python, then $PYTHON or python3): the missing packages are added next to that
-# interpreter's own, so a CUDA torch already installed there is used as it is (pinned while
-# installing). Sources: PyPI, or with SCTD_WHEELHOUSE=DIR only the wheels in DIR, for machines
-# without a registry: fill DIR on a machine with one by `benchmarks/gpu.sh --fetch-wheels DIR`
-# (PY_VERSION=3.12 names the target's Python; about 6 MB) and carry it over.
-set -euo pipefail
+# (.venv/bin/python, then $PYTHON or python3): a virtual environment ($SCTD_BENCH_VENV, default
+# .venv-bench) that sees that interpreter's packages gets the missing ones, so a CUDA torch
+# already installed is used as it is (pinned while installing; a CPU torch is never installed
+# on a host whose nvidia-smi lists GPUs). Sources: PyPI, or with SCTD_WHEELHOUSE=DIR only the
+# wheels in DIR, for machines without a registry: fill DIR on a machine with one by
+# `benchmarks/gpu.sh --fetch-wheels DIR` (PY_VERSION=3.12 names the target's Python; about 6 MB)
+# and carry it over.
+#
+# Never a wasted run: when nvidia-smi lists GPUs that torch cannot see, it stops at once with one
+# line (driver, torch's CUDA version) instead of benchmarking the CPU; setup has a time limit
+# (SCTD_SETUP_TIMEOUT_S, 600 s), and whatever ends the script, the result file (gpu.json) exists
+# and says what ran, what failed and why.
+set -uo pipefail
 
 export SCTD_BENCH_T0=${SCTD_BENCH_T0:-$(date +%s)}  # the time budget counts the setup too
 # Paths relative to the script, not the caller's directory; relative --out/--work-dir stay the
@@ -35,49 +42,152 @@ DEPS=("deepspeed==0.19.8" "megatron-core==0.16.1" "transformers>=4.40" "datasets
 # What a CUDA image with torch and transformers may lack besides DEPS (for --fetch-wheels).
 EXTRA_WHEELS=(dill multiprocess xxhash hjson ninja py-cpuinfo pydantic pydantic-core annotated-types
               typing-inspection msgpack einops nvidia-ml-py)
+SETUP_TIMEOUT_S=${SCTD_SETUP_TIMEOUT_S:-600}
 
 fetch_wheels() {  # --fetch-wheels DIR: download the wheels a registry-less machine needs
     local dir=$1 py=${PY_VERSION:-3.12}
-    mkdir -p "$dir"
+    mkdir -p "$dir" || return 1
     # DeepSpeed publishes a source archive only: build its (pure Python) wheel here.
-    DS_BUILD_OPS=0 python3 -m pip wheel -q --no-deps -w "$dir" "${DEPS[0]}"
+    DS_BUILD_OPS=0 python3 -m pip wheel -q --no-deps -w "$dir" "${DEPS[0]}" || return 1
     # --no-deps: never torch or CUDA libraries; the target's own stay in use.
     python3 -m pip download -q --no-deps -d "$dir" --only-binary=:all: --python-version "$py" \
-        --platform manylinux2014_x86_64 --platform manylinux_2_28_x86_64 "${DEPS[@]:1:8}" "${EXTRA_WHEELS[@]}"
+        --platform manylinux2014_x86_64 --platform manylinux_2_28_x86_64 "${DEPS[@]:1:8}" "${EXTRA_WHEELS[@]}" \
+        || return 1
     echo "wheels for Python $py in $dir; carry the folder and run with SCTD_WHEELHOUSE=$dir"
+}
+
+if [[ ${1:-} == --fetch-wheels ]]; then
+    fetch_wheels "${2:?--fetch-wheels needs a folder}"
+    exit $?
+fi
+
+# The result file, as gpu_throughput.py will name it (--out-dir DIR / --out FILE).
+RESULT=$ROOT/benchmarks/results/gpu.json
+args=("$@")
+for ((i = 0; i < ${#args[@]}; i++)); do
+    case ${args[i]} in
+        --out-dir) RESULT=${args[i + 1]:-.}/gpu.json ;;
+        --out-dir=*) RESULT=${args[i]#--out-dir=}/gpu.json ;;
+        --out) RESULT=${args[i + 1]:-gpu.json} ;;
+        --out=*) RESULT=${args[i]#--out=} ;;
+    esac
+done
+PHASE=setup
+ERROR=""
+CMDLINE="$0 $*"
+
+# shellcheck disable=SC2329  # the EXIT trap runs it
+write_result() {  # on every exit: complete what gpu_throughput.py wrote, or write it
+    local rc=$?
+    [[ $rc == 0 && $PHASE == finished ]] && return
+    [[ -n $ERROR ]] || ERROR="stopped in the $PHASE phase with exit code $rc"
+    mkdir -p "$(dirname "$RESULT")" 2>/dev/null || true
+    if command -v python3 >/dev/null 2>&1; then
+        RC=$rc PHASE=$PHASE ERROR=$ERROR RESULT=$RESULT CMD=$CMDLINE python3 - <<'PY' || true
+import json, os, time
+path = os.environ["RESULT"]
+try:
+    with open(path) as f:
+        data = json.load(f)
+except (OSError, ValueError):
+    data = {"benchmark": "gpu_throughput", "arms": [], "command": os.environ["CMD"]}
+if not data.get("complete") or data.get("failed_arms"):
+    data.setdefault("complete", False)
+    data.update(exit_code=int(os.environ["RC"]), failed_phase=os.environ["PHASE"],
+                error=os.environ["ERROR"], ran=[a["name"] for a in data.get("arms", []) if a.get("status") == "ok"],
+                ended=time.time())
+    with open(path + ".tmp", "w") as f:
+        json.dump(data, f, indent=2)
+    os.replace(path + ".tmp", path)
+PY
+    else
+        printf '{"benchmark": "gpu_throughput", "complete": false, "exit_code": %d, "failed_phase": "%s", "error": "%s"}\n' \
+            "$rc" "$PHASE" "${ERROR//\"/\'}" >"$RESULT"
+    fi
+    echo "result file: $RESULT" >&2
+}
+trap write_result EXIT
+
+fail() {  # one line on stderr, recorded in the result file; exit code $2
+    ERROR=$1
+    echo "error: $1" >&2
+    exit "${2:-2}"
+}
+
+listed_gpus() { nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true; }
+
+check_visible_gpus() {  # stop when nvidia-smi lists GPUs that interpreter $1's torch cannot see
+    local py=$1 listed seen
+    command -v nvidia-smi >/dev/null 2>&1 || return 0
+    listed=$(listed_gpus)
+    [[ $listed -gt 0 ]] || return 0
+    seen=$("$py" -c "import torch; print(torch.cuda.device_count(), torch.__version__, torch.version.cuda or 'none (a CPU build)')" 2>/dev/null) \
+        || return 0  # no torch yet: setup installs the CUDA build
+    read -r count version cuda <<<"$seen"
+    if [[ $count == 0 ]]; then
+        local driver
+        driver=$(nvidia-smi --query-gpu=driver_version --format=csv,noheader 2>/dev/null | head -n 1)
+        fail "nvidia-smi lists $listed GPU(s) (driver ${driver:-unknown}) but torch $version (CUDA $cuda) sees none; install a CUDA build of torch this driver supports (or fix CUDA_VISIBLE_DEVICES); not benchmarking the CPU instead" 3
+    fi
 }
 
 ready() { "$1" -c "import deepspeed, megatron.core, datasets, transformers" >/dev/null 2>&1; }
 
 setup() {  # add the missing packages to interpreter $1 (pip, $SCTD_WHEELHOUSE or PyPI)
-    local py=$1 pins src=()
+    local py=$1 pins src=() extra=()
     pins=$(mktemp)
     # An installed torch (and its triton) stays exactly as it is: no CUDA build is replaced.
     "$py" -m pip list --format=freeze 2>/dev/null | grep -E '^(torch|triton)==' >"$pins" || true
     if [[ -n ${SCTD_WHEELHOUSE:-} ]]; then
         src=(--no-index --find-links "$SCTD_WHEELHOUSE")
     fi
-    echo "setup: adding the benchmark's packages to $py (torch: $(cat "$pins" | tr '\n' ' '))"
-    DS_BUILD_OPS=0 "$py" -m pip install -q "${src[@]}" -c "$pins" "${DEPS[@]}"
+    # No torch at all: on a GPU host the registry's default (CUDA) build, never a +cpu wheel.
+    grep -q '^torch==' "$pins" || extra=(torch)
+    echo "setup: adding the benchmark's packages to $py (torch: $(tr '\n' ' ' <"$pins"))"
+    DS_BUILD_OPS=0 timeout "$SETUP_TIMEOUT_S" "$py" -m pip install -q "${src[@]}" -c "$pins" \
+        "${extra[@]}" "${DEPS[@]}"
+    local rc=$?
     rm -f "$pins"
+    [[ $rc == 124 ]] && fail "setup took longer than SCTD_SETUP_TIMEOUT_S=$SETUP_TIMEOUT_S s (pip install)" 4
+    return "$rc"
 }
-
-if [[ ${1:-} == --fetch-wheels ]]; then
-    fetch_wheels "${2:?--fetch-wheels needs a folder}"
-    exit 0
-fi
 
 if [[ -x "$ROOT/.venv/bin/python" ]]; then
     PYTHON=$ROOT/.venv/bin/python  # made by `make setup`: complete
+    check_visible_gpus "$PYTHON"
 else
-    PYTHON=${PYTHON:-$(command -v python3)}
+    BASE=${PYTHON:-$(command -v python3)}
+    check_visible_gpus "$BASE"
+    PYTHON=$BASE
     if ! ready "$PYTHON"; then
-        setup "$PYTHON"
-        ready "$PYTHON" || { echo "error: setup did not make deepspeed, megatron.core and datasets importable" >&2; exit 2; }
+        # A virtual environment that sees the system's packages (its CUDA torch): externally
+        # managed Pythons (Debian 12, Ubuntu 23.04+) refuse installs into the system itself.
+        # An interpreter that already runs in one is used as it is (venvs do not nest).
+        VENV=$("$BASE" -c 'import sys; print(sys.prefix if sys.prefix != sys.base_prefix else "")')
+        VENV=${VENV:-${SCTD_BENCH_VENV:-$ROOT/.venv-bench}}
+        [[ -x $VENV/bin/python ]] || "$BASE" -m venv --system-site-packages "$VENV" \
+            || fail "could not make the virtual environment $VENV with $BASE (install python3-venv)" 4
+        PYTHON=$VENV/bin/python
+        if ! ready "$PYTHON"; then
+            setup "$PYTHON" || fail "setup could not install the benchmark's packages into $VENV (see pip's message above)" 4
+            ready "$PYTHON" || fail "setup did not make deepspeed, megatron.core and datasets importable in $VENV" 4
+        fi
+        check_visible_gpus "$PYTHON"
     fi
 fi
 echo "setup: ready after $(( $(date +%s) - SCTD_BENCH_T0 )) s ($PYTHON)"
 if command -v nvidia-smi >/dev/null 2>&1; then
     nvidia-smi -L || true
 fi
-exec "$PYTHON" "$ROOT/benchmarks/gpu_throughput.py" "$@"
+PHASE=benchmark
+errlog=$(mktemp)
+# stderr shown as it comes and kept, for the result file's error
+{ "$PYTHON" "$ROOT/benchmarks/gpu_throughput.py" "$@" 2>&1 1>&3 | tee "$errlog" >&2; } 3>&1
+rc=${PIPESTATUS[0]}
+case $rc in
+    0) PHASE=finished ;;
+    1) ERROR="an arm failed (its error is in its entry under arms)" ;;
+    *) ERROR=$(grep -v '^\s*$' "$errlog" | tail -n 1) ;;
+esac
+rm -f "$errlog"
+exit "$rc"

@@ -61,6 +61,9 @@ GPU_GLOBAL_BATCH = 256
 CPU_MICRO_BATCH = 2
 # The one-shot run (`gpu.sh --quick`) must end within 9 minutes, installation included.
 ONE_SHOT_BUDGET_S = 540.0
+# Per-arm and corpus time limits of the one-shot run (eager / compiled arms).
+QUICK_ARM_TIMEOUT_S = {False: 240.0, True: 360.0}
+CORPUS_TIMEOUT_S = 300.0
 ENV_START = "SCTD_BENCH_T0"  # epoch seconds at which gpu.sh started (before installing)
 ENV_MICRO = "SCTD_BENCH_MICRO_BATCH"
 ENV_GLOBAL = "SCTD_BENCH_GLOBAL_BATCH"
@@ -163,9 +166,16 @@ def theoretical_ratio(model_cfg: BertModelConfig, mode: str, seq: int) -> float:
 
 # ----------------------------------------------------------------------------- arms
 
+def arm_order(arm: dict[str, Any]) -> tuple:
+    """Arms in order of value, so a run cut short keeps what matters most: the no-drop baselines
+    at TP=1 eager (the longest sequence first: the MFU goal's), then the dropping modes, then
+    TP > 1, compiled arms last."""
+    return (arm["compile"], arm["tp"] > 1, arm["mode"] != "none", -arm["seq_length"], arm["tp"],
+            MODES.index(arm["mode"]))
+
+
 def build_arms(args: argparse.Namespace, kind: str, gpus: int) -> list[dict[str, Any]]:
-    """Every (compile, seq, TP, mode) configuration: all eager arms first (a run cut short by
-    its time budget keeps the plain numbers), baseline first within each (seq, TP)."""
+    """Every (compile, seq, TP, mode) configuration, in `arm_order`."""
     model_cfg = BertModelConfig.from_preset(args.model, {"vocab_size": args.vocab_size})
     arms = []
     for compiled, seq, tp in ((c, s, t) for c in args.compile_modes for s in args.seqs for t in args.tp):
@@ -191,7 +201,7 @@ def build_arms(args: argparse.Namespace, kind: str, gpus: int) -> list[dict[str,
             if kind == "cuda" and nproc > gpus:
                 arm["skip_reason"] = f"needs {nproc} GPUs, {gpus} visible"
             arms.append(arm)
-    return arms
+    return sorted(arms, key=arm_order)
 
 
 def train_args_for(arm: dict[str, Any], args: argparse.Namespace, model_config: Path) -> list[str]:
@@ -254,7 +264,8 @@ def run_arm(arm: dict[str, Any], args: argparse.Namespace, model_config: Path, k
     t0 = time.perf_counter()
     try:
         records = run_training(train_args, arm["nproc"], log_dir, threads_per_rank=threads,
-                               timeout=budget.timeout(args.timeout), tuned_allocator=kind == "cpu")
+                               timeout=budget.timeout(arm_timeout(args, arm["compile"])),
+                               tuned_allocator=kind == "cpu")
         if len(records) != args.train_iters:
             raise RuntimeError(f"metrics.jsonl holds {len(records)} step records, expected {args.train_iters}")
         stats = summarize(records, warmup=args.warmup)
@@ -272,6 +283,14 @@ def run_arm(arm: dict[str, Any], args: argparse.Namespace, model_config: Path, k
     budget.record(arm["compile"], arm["wall_s"])
     arm["tokens_per_s_per_gpu"] = stats["tokens_per_s"] / gpus
     arm.setdefault("mfu", None)
+
+
+def arm_timeout(args: argparse.Namespace, compiled: bool) -> float:
+    """One arm's time limit: --timeout, or under --quick a few times what an arm should take, so
+    one hang cannot eat the rest of the budget."""
+    if args.timeout is not None:
+        return args.timeout
+    return QUICK_ARM_TIMEOUT_S[compiled] if args.quick else 3600.0
 
 
 class Budget:
@@ -373,15 +392,35 @@ def table(arms: list[dict[str, Any]]) -> str:
     return markdown_table(headers, rows)
 
 
-def prepare_data(cache: Path, seqs: list[int]) -> None:
-    """Build the embedded sample corpus at every length here, once, before any arm: the arms
-    then only read the cache, and no arm's start-up includes a corpus build."""
-    from sctd_dist.data.sample_cache import ensure_sample_dataset
+def prepare_data(cache: Path, seq: int, timeout: float) -> str | None:
+    """Build the embedded sample corpus at length `seq` (in a child process with a time limit),
+    just before the first arm that needs it: the first result does not wait for the other
+    lengths, and the arms only read the cache. Returns the error, or None."""
+    code = ("import sys; from pathlib import Path; from sctd_dist.data.sample_cache import ensure_sample_dataset; "
+            "print(ensure_sample_dataset(Path(sys.argv[1]), seq_length=int(sys.argv[2])))")
+    t0 = time.perf_counter()
+    try:
+        proc = subprocess.run([sys.executable, "-c", code, str(cache), str(seq)], cwd=REPO_ROOT,
+                              capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return f"building the sample corpus at seq {seq} took over {timeout:.0f} s (--corpus-timeout)"
+    if proc.returncode != 0:
+        return f"building the sample corpus at seq {seq} failed: {proc.stderr.strip()[-2000:]}"
+    print(f"sample corpus at seq {seq}: {proc.stdout.strip().splitlines()[-1]} "
+          f"({time.perf_counter() - t0:.0f} s)", flush=True)
+    return None
 
-    for seq in seqs:
-        t0 = time.perf_counter()
-        path = ensure_sample_dataset(cache, seq_length=seq)
-        print(f"sample corpus at seq {seq}: {path} ({time.perf_counter() - t0:.0f} s)", flush=True)
+
+def compiler_missing() -> str | None:
+    """Why torch.compile (inductor) cannot build kernels on this host, or None: it needs a C
+    compiler and the Python headers."""
+    import sysconfig
+
+    if not any(shutil.which(cc) for cc in (os.environ.get("CC", ""), "cc", "gcc", "clang") if cc):
+        return "no C compiler (cc/gcc/clang) on PATH"
+    if not (Path(sysconfig.get_paths()["include"]) / "Python.h").is_file():
+        return f"no Python headers ({sysconfig.get_paths()['include']}/Python.h; install python3-dev)"
+    return None
 
 
 # ----------------------------------------------------------------------------- main
@@ -429,7 +468,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run logs (and the data cache unless --data-cache)")
     p.add_argument("--data-cache", type=Path, default=None,
                    help="where train.py builds the sample corpus (default: WORK_DIR/data_cache)")
-    p.add_argument("--timeout", type=float, default=3600.0, help="seconds per arm")
+    p.add_argument("--timeout", type=float, default=None,
+                   help="seconds per arm (default 3600; --quick: 240 eager, 360 compiled)")
+    p.add_argument("--corpus-timeout", type=float, default=CORPUS_TIMEOUT_S,
+                   help="seconds to build the sample corpus at one sequence length")
     return p
 
 
@@ -463,6 +505,10 @@ def parse(argv: list[str] | None = None) -> tuple[argparse.Namespace, str, dict[
     if not words or set(words) - {"eager", "compiled"}:
         p.error(f"--compile-modes must be eager, compiled or both, got {compile_modes!r}")
     args.compile_modes = [w == "compiled" for w in dict.fromkeys(words)]
+    args.compile_fallback = compiler_missing() if True in args.compile_modes else None
+    if args.compile_fallback:  # compiled arms would fail in their first step: eager only
+        print(f"compiled arms left out, eager only: {args.compile_fallback}", file=sys.stderr)
+        args.compile_modes = [False]
     if args.budget_s is None:
         args.budget_s = ONE_SHOT_BUDGET_S if args.quick else float("inf")
     if args.out_dir is not None:
@@ -491,7 +537,6 @@ def main(argv: list[str] | None = None) -> int:
     dev = probe["names"][0] if kind == "cuda" else device_name(torch.device("cpu"))
     env.update(device_type=kind, device=dev, gpus=probe["names"], cuda=probe.get("cuda"))
     arms = build_arms(args, kind, probe["count"])
-    prepare_data(args.data_cache, args.seqs)
     payload: dict[str, Any] = {
         "benchmark": "gpu_throughput", "complete": False, "command": env["command"],
         "device": dev, "device_kind": kind, "gpus_visible": probe["count"],
@@ -507,6 +552,7 @@ def main(argv: list[str] | None = None) -> int:
             "sequence_parallel_when_tp_gt_1": args.sequence_parallel,
             "activation_checkpointing": args.activation_checkpointing, "quick": args.quick,
             "compile_modes": ["compiled" if c else "eager" for c in args.compile_modes],
+            "compile_fallback": args.compile_fallback,
             "budget_s": args.budget_s if args.budget_s != float("inf") else None,
             "work_dir": str(args.work_dir), "data_cache": str(args.data_cache),
         },
@@ -515,7 +561,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{len(arms)} arms on {dev} ({kind}), {args.train_iters} steps each, first {args.warmup} untimed"
           + (f", {budget.left():.0f} s of budget left" if budget.seconds != float("inf") else ""),
           flush=True)
+    corpus: dict[int, str | None] = {}
     for i, arm in enumerate(arms, 1):
+        seq = arm["seq_length"]
+        if seq not in corpus and not arm.get("skip_reason") and budget.fits(arm["compile"]):
+            corpus[seq] = prepare_data(args.data_cache, seq, min(args.corpus_timeout, max(1.0, budget.left())))
+        if corpus.get(seq):
+            arm["skip_reason"] = corpus[seq]
         print(f"[{i}/{len(arms)}] {arm['name']} ...", end=" ", flush=True)
         run_arm(arm, args, model_config, kind, budget)
         add_comparisons(arms)

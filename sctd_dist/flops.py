@@ -10,8 +10,8 @@ from sctd_dist.model.config import BertModelConfig, TokenDropConfig
 
 # Dense bf16 tensor-core peaks (TFLOP/s) for the MFU column; unknown devices get no MFU. The
 # first name contained in the device's name wins: the PCIe and NVL H100s before the SXM one
-# ("NVIDIA H100 80GB HBM3"); "H200" also matches the GH200.
-PEAK_TFLOPS = {"H100 PCIe": 756.0, "H100 NVL": 835.0, "H100": 989.0, "H200": 989.0,
+# ("NVIDIA H100 80GB HBM3"), the H200 NVL before the SXM one; "H200" also matches the GH200.
+PEAK_TFLOPS = {"H100 PCIe": 756.0, "H100 NVL": 835.0, "H100": 989.0, "H200 NVL": 835.0, "H200": 989.0,
                "A100": 312.0, "L40S": 362.0, "A10": 125.0}
 
 

@@ -35,7 +35,7 @@ from sctd_dist.metrics import MetricsLogger
 from sctd_dist.model.config import BertModelConfig
 from sctd_dist.model.pretraining import PretrainingModel, check_layout
 from sctd_dist.parallel import MegatronMPU, ParallelContext, check_tp_size, initialize, launch_env
-from sctd_dist.parallel.kernels import sdpa_backend
+from sctd_dist.parallel.kernels import allow_tf32, sdpa_backend
 from sctd_dist.run_record import RunRecord
 
 
@@ -96,12 +96,15 @@ def build_run(cfg: TrainConfig) -> Run:
                            tokens_per_step=batch * cfg.seq_length, micro_batches=loader.grad_accum,
                            total_steps=cfg.train_iters, start_step=start_step, progress=cfg.progress)
     runtime = runtime_info(settled.model_cfg, ctx, cfg.seq_length, precision(ds), cfg.compile)
+    runtime["tf32"] = allow_tf32(precision(ds), ctx.device)
     logger.announce(runtime)
     logger.event("start" if plan is None else "resume", step=start_step,
                  consumed_samples=loader.consumed_samples, checkpoint=None if plan is None else plan.source_tag,
                  world_size=ctx.world_size, dp_size=ctx.dp_size, tp_size=ctx.tp_size,
                  precision=str(precision(ds)), zero_stage=zero_stage(ds), **runtime,
-                 train_config=settled.record.train_config, deepspeed_config=ds)
+                 train_config=settled.record.train_config, deepspeed_config=ds,
+                 # micro-batches with padding run attention with a mask (no FlashAttention)
+                 attention_mask_share=loader.padded_share(min(cfg.train_iters - start_step, 100)))
     if plan is not None:
         log_resume_changes(logger, plan, ctx, start_step, loader.consumed_samples, cfg.keep_data_position)
     flops = partial(step_flops, settled.model_cfg, cfg.token_drop, cfg.seq_length,

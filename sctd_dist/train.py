@@ -28,7 +28,9 @@ from sctd_dist.run import Run, build_run
 
 
 def _to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+    from sctd_dist.data.loader import HOST_KEYS
+
+    return {k: v if k in HOST_KEYS else v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
 def train_step(run: Run, step: int) -> dict[str, Any]:
@@ -102,6 +104,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as exc:  # configuration errors: one clear line, no traceback
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    finally:  # NCCL warns of (and may hang on) a process group left to the interpreter's exit
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
     if is_rank0():
         print(json.dumps(summary, indent=2))
     return 0

@@ -19,3 +19,10 @@ def test_consistency_step_adds_a_full_encoder_pass_and_its_head_only_when_mixed(
     assert mixed == plain + 3 * sequence_forward_flops(CFG, SEQ, MASKED)
     # Off consistency steps ScTD costs what vanilla dropping costs.
     assert step_flops_per_sequence(CFG, TokenDropConfig(mode="sctd"), SEQ, MASKED, 1, KEPT) == plain
+
+
+def test_peaks_of_the_nvl_parts():
+    from sctd_dist.flops import peak_tflops
+
+    assert peak_tflops("NVIDIA H200 NVL") == 835.0 and peak_tflops("NVIDIA H200") == 989.0
+    assert peak_tflops("NVIDIA H100 NVL") == 835.0

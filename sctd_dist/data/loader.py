@@ -9,7 +9,10 @@ under 1% of a training step (benchmarks/results/data_pipeline.json).
 
 Every micro-batch is a dict of int64 torch tensors of shape [micro, seq_length]:
 `input_ids` (masked), `attention_mask` (1 real token, 0 [PAD]), `token_type_ids` (zeros, no
-NSP) and `labels` (the original id where a token is predicted, -100 elsewhere).
+NSP) and `labels` (the original id where a token is predicted, -100 elsewhere); with them
+`masked_positions` (int64 [n], flat indices of the labelled positions) and `padded` (a 0-dim
+bool tensor: does any row hold [PAD]?). `padded` stays on the host (`HOST_KEYS`): the model
+reads it to run attention without a mask on packed batches, without a device sync.
 """
 
 from __future__ import annotations
@@ -20,7 +23,10 @@ from typing import Any
 import numpy as np
 
 from .dataset import PackedDataset
-from .masking import IGNORE_INDEX, MaskingConfig, mask_rows
+from .masking import IGNORE_INDEX, MaskingConfig, mask_rows, masked_positions
+
+# Batch entries that stay on the host when a batch moves to its device.
+HOST_KEYS = frozenset({"padded"})
 from .sampler import SampleStream, check_batch_sizes, step_positions
 
 
@@ -47,6 +53,8 @@ def _to_batch(inputs: np.ndarray, labels: np.ndarray, pad_id: int) -> dict[str, 
         "attention_mask": torch.from_numpy((inputs != pad_id).astype(np.int64)),
         "token_type_ids": torch.zeros_like(input_ids),
         "labels": torch.from_numpy(np.ascontiguousarray(labels)),
+        "masked_positions": torch.from_numpy(masked_positions(labels)),
+        "padded": torch.tensor(bool((inputs == pad_id).any())),
     }
 
 
@@ -123,6 +131,17 @@ class PretrainingDataLoader:
         pad = self.dataset.special_ids.pad
         return [_to_batch(inputs[j * m:(j + 1) * m], labels[j * m:(j + 1) * m], pad)
                 for j in range(self.grad_accum)]
+
+    def padded_share(self, steps: int) -> float:
+        """Share of this rank's micro-batches over the next `steps` steps that hold a [PAD]
+        (they run attention with a mask; the others without), read from the rows alone."""
+        pad, m, padded, total = self.dataset.special_ids.pad, self.micro_batch_size, 0, 0
+        for step in range(max(steps, 0)):
+            rows, _ = self.sample_indices_for_step(self.consumed_samples + step * self.global_batch_size)
+            tokens = self.dataset.get_rows(rows.reshape(-1))
+            per_micro = (tokens == pad).any(axis=1).reshape(-1, m).any(axis=1)
+            padded, total = padded + int(per_micro.sum()), total + per_micro.size
+        return padded / total if total else 0.0
 
     def __iter__(self) -> "PretrainingDataLoader":
         return self

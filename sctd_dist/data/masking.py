@@ -171,3 +171,9 @@ def mask_rows(
             special_ids=special_ids, mask_id=mask_id, vocab_size=vocab_size, config=config,
             word_starts=starts)
     return inputs, labels
+
+
+def masked_positions(labels: np.ndarray) -> np.ndarray:
+    """Flat indices (row-major over a [B, S] batch) of the positions with a label: where the MLM
+    head runs. Made on the host with the batch, so the step need not find them on the device."""
+    return np.flatnonzero(np.asarray(labels) != IGNORE_INDEX)

@@ -285,29 +285,40 @@ class BertForMaskedLM(nn.Module):
         routing: Routing | None = None,
         split_layer: int | None = None,
         return_cls: bool = False,
+        padded: bool | torch.Tensor | None = None,
+        masked_positions: torch.Tensor | None = None,
     ) -> MLMOutput:
         """input_ids/attention_mask/labels: [b, s] (labels -100 where nothing is predicted).
 
         `labels` None runs the encoder only: no MLM head, no logits (a consistency pass needs
-        just the [CLS] vectors)."""
+        just the [CLS] vectors). `padded` (does any row hold padding?) and `masked_positions`
+        (flat indices of the labelled positions) come with the loader's batches, which lets the
+        step run without a host sync; without them they are computed here (one sync each)."""
         if token_type_ids is None:
             token_type_ids = torch.zeros_like(input_ids)
-        # One host sync per forward buys the unmasked (fused) attention kernels on packed data.
-        key_mask = None if bool(attention_mask.all()) else attention_mask.bool()
-        x = self.bert.embeddings(input_ids, token_type_ids)
-        enc = self.bert.encoder(x, key_mask, routing, split_layer)
+        if padded is None:
+            padded = not bool(attention_mask.all())
+        # No mask without padding: the fused (FlashAttention) kernels take none.
+        key_mask = attention_mask.bool() if bool(padded) else None
+        with tp.sequence_parallel_grad_bucket(self.bert, self.ctx):
+            x = self.bert.embeddings(input_ids, token_type_ids)
+            enc = self.bert.encoder(x, key_mask, routing, split_layer)
         hidden = tp.leave_to_replicated(enc.hidden, self.ctx)
-        out = MLMOutput(None, None, None, None) if labels is None else self._mlm(hidden, labels)
+        out = (MLMOutput(None, None, None, None) if labels is None
+               else self._mlm(hidden, labels, masked_positions))
         if return_cls:
             out = out._replace(
                 cls_final=hidden[:, 0],
                 cls_penultimate=tp.leave_to_replicated(enc.penultimate, self.ctx)[:, 0])
         return out
 
-    def _mlm(self, hidden: torch.Tensor, labels: torch.Tensor) -> MLMOutput:
-        selected = labels.reshape(-1) >= 0
-        targets = labels.reshape(-1)[selected]
-        h = hidden.reshape(-1, hidden.shape[-1])[selected]
+    def _mlm(self, hidden: torch.Tensor, labels: torch.Tensor,
+             masked_positions: torch.Tensor | None) -> MLMOutput:
+        flat = labels.reshape(-1)
+        if masked_positions is None:  # a data-dependent size: a host sync
+            masked_positions = torch.nonzero(flat >= 0).squeeze(1)
+        targets = flat.index_select(0, masked_positions)
+        h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, masked_positions)
         per_token, num_correct = self.cls.predictions(
             h, self.bert.embeddings.word_embeddings.weight, targets)
         # With nothing to predict the loss is an exact zero that still reaches every weight.

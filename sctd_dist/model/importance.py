@@ -124,10 +124,11 @@ class TokenImportance(torch.nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """This rank's dense per-id loss sums and counts, both float64 ``[vocab_size]``.
 
-        Deterministic on every device: ids are stably sorted, equal ids form contiguous
-        segments, each segment's sum is a difference of a float64 prefix sum, and the result is
-        written at the *unique* ids (no atomics, no racy scatter-add). Entries with a negative
-        target id (e.g. -100) or a non-finite loss are ignored.
+        Deterministic on every device and free of host syncs: ids are stably sorted, equal
+        ids form contiguous segments, each segment's sum is a difference of a float64 prefix sum
+        taken at its last element, and only those last elements are written to their id (every
+        other element writes to a discarded spare slot: no atomics, no data-dependent shapes).
+        Entries with a negative target id (e.g. -100) or a non-finite loss are ignored.
         """
         ids = target_ids.reshape(-1)
         loss = per_token_loss.reshape(-1)
@@ -137,30 +138,34 @@ class TokenImportance(torch.nn.Module):
             )
         if ids.dtype.is_floating_point or ids.dtype == torch.bool:
             raise ValueError(f"target_ids must be an integer tensor, got {ids.dtype}")
-        device = self.scores.device
+        device, vocab = self.scores.device, self.vocab_size
         ids = ids.to(device=device, dtype=torch.long)
         loss = loss.detach().to(device=device, dtype=torch.float64)
+        if ids.numel():  # checked on the device: raises at once on CPU, asynchronously on GPU
+            torch._assert_async(ids.max() < vocab, f"a target id is out of range for vocab_size {vocab}")
         # Why: a non-finite loss (e.g. an fp16 overflow step) would poison the table forever.
         valid = (ids >= 0) & torch.isfinite(loss)
-        ids = ids[valid]
-        loss = loss[valid]
-        sums = torch.zeros(self.vocab_size, dtype=torch.float64, device=device)
-        counts = torch.zeros(self.vocab_size, dtype=torch.float64, device=device)
-        if ids.numel() == 0:
-            return sums, counts
-        if bool((ids >= self.vocab_size).any()):
-            raise ValueError(
-                f"target id {int(ids.max())} is out of range for vocab_size {self.vocab_size}"
-            )
+        ids = torch.where(valid, ids, vocab)  # invalid entries form the spare slot's segment
+        loss = torch.where(valid, loss, 0.0)
+        n = ids.numel()
+        if n == 0:  # a shape, known on the host
+            zeros = torch.zeros(vocab, dtype=torch.float64, device=device)
+            return zeros, zeros.clone()
         sorted_ids, order = torch.sort(ids, stable=True)
-        uniq, seg_counts = torch.unique_consecutive(sorted_ids, return_counts=True)
+        position = torch.arange(n, device=device)
+        is_end = torch.ones(n, dtype=torch.bool, device=device)
+        is_end[:-1] = sorted_ids[1:] != sorted_ids[:-1]
+        # The previous segment's end for every element: a running maximum over end positions.
+        ends = torch.where(is_end, position, -1)
+        prev_end = torch.cat((ends.new_full((1,), -1), torch.cummax(ends, 0).values[:-1]))
         prefix = torch.cumsum(loss[order], dim=0)
-        ends = torch.cumsum(seg_counts, dim=0) - 1
-        seg_sums = prefix[ends]
-        seg_sums[1:] = seg_sums[1:] - prefix[ends[:-1]]
-        sums[uniq] = seg_sums  # unique indices: a plain, deterministic write
-        counts[uniq] = seg_counts.to(torch.float64)
-        return sums, counts
+        before = torch.where(prev_end >= 0, prefix[prev_end.clamp_min(0)], 0.0)
+        slot = torch.where(is_end, sorted_ids, vocab)
+        sums = torch.zeros(vocab + 1, dtype=torch.float64, device=device)
+        counts = torch.zeros(vocab + 1, dtype=torch.float64, device=device)
+        sums.scatter_(0, slot, prefix - before)
+        counts.scatter_(0, slot, (position - prev_end).to(torch.float64))
+        return sums[:vocab], counts[:vocab]
 
     @torch.no_grad()
     def update(self, target_ids: torch.Tensor, per_token_loss: torch.Tensor) -> None:

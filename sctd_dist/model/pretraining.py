@@ -85,7 +85,8 @@ class PretrainingModel(nn.Module):
               mlm_head: bool = True) -> MLMOutput:
         return self.mlm(batch["input_ids"], batch["attention_mask"],
                         batch["labels"] if mlm_head else None, batch.get("token_type_ids"),
-                        routing=routing, split_layer=self.split_layer, return_cls=want_cls)
+                        routing=routing, split_layer=self.split_layer, return_cls=want_cls,
+                        padded=batch.get("padded"), masked_positions=batch.get("masked_positions"))
 
     def forward(self, batch: dict[str, torch.Tensor], step: int = 0) -> StepOutput:
         """Loss of one micro-batch at optimizer step `step` (training mode); the step's last

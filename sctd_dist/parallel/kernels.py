@@ -47,3 +47,13 @@ def sdpa_backend(batch: int, heads: int, seq_length: int, head_dim: int, dtype: 
     mask = torch.ones(batch, 1, 1, seq_length, dtype=torch.bool, device=device) if padded else None
     choice = torch._fused_sdp_choice(q, q, q, mask, dropout_p)  # the dispatcher's own rule
     return SDPBackend(choice).name.lower()
+
+
+def allow_tf32(dtype: torch.dtype, device: torch.device) -> bool:
+    """Let fp32 matmuls and convolutions use TF32 tensor cores on a CUDA device (what
+    Megatron and DeepSpeed trainers run fp32 configs with); returns whether it is on."""
+    on = dtype == torch.float32 and device.type == "cuda"
+    if on:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    return on

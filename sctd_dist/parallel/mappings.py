@@ -110,3 +110,34 @@ def reduce_scatter_to_sequence(x: torch.Tensor, group: dist.ProcessGroup | None)
 def all_reduce_grad(x: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
     """Identity whose backward sums the gradient over `group`."""
     return _Collective.apply(x, group, _identity, _all_reduce)
+
+
+class _BucketedAllReduceGrads(torch.autograd.Function):
+    """Identity views of several tensors whose gradients are summed over `group` in one
+    all-reduce per dtype. Autograd runs this backward once every view's gradient is complete,
+    i.e. after the backward of the view's last user."""
+
+    @staticmethod
+    def forward(ctx, group, *params: torch.Tensor):
+        ctx.group = group
+        return tuple(p.view_as(p) for p in params)
+
+    @staticmethod
+    def backward(ctx, *grads: torch.Tensor):
+        out = list(grads)
+        by_dtype: dict[torch.dtype, list[int]] = {}
+        for i, g in enumerate(grads):
+            by_dtype.setdefault(g.dtype, []).append(i)
+        for index in by_dtype.values():
+            flat = _all_reduce(torch.cat([grads[i].reshape(-1) for i in index]), ctx.group)
+            for i, part in zip(index, flat.split([grads[i].numel() for i in index])):
+                out[i] = part.view_as(grads[i])
+        return (None, *out)
+
+
+def all_reduce_grads_bucketed(params: list[torch.Tensor],
+                              group: dist.ProcessGroup | None) -> tuple[torch.Tensor, ...]:
+    """Views of `params` for a forward to read: their gradients are summed over `group` by one
+    all-reduce (per dtype) once backward has produced all of them, as Megatron all-reduces its
+    sequence-parallel gradients in one bucket, instead of one collective per parameter."""
+    return _BucketedAllReduceGrads.apply(group, *params)

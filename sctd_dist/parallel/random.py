@@ -32,6 +32,12 @@ def _set_state(device: torch.device, state: torch.Tensor) -> None:
         torch.set_rng_state(state)
 
 
+def _key(device: torch.device | str) -> str:
+    # Keyed by device type, not "cuda:N": a resume whose rank lands on another local GPU index
+    # must find its stream (one process drives one device).
+    return str(device).split(":")[0]
+
+
 class ShardedRNG:
     """A second RNG stream that differs between TP ranks; the default stream stays replicated."""
 
@@ -45,13 +51,13 @@ class ShardedRNG:
             torch.cuda.manual_seed(seed)
         else:
             torch.default_generator.manual_seed(seed)
-        self._states[str(device)] = _get_state(device)
+        self._states[_key(device)] = _get_state(device)
         _set_state(device, saved)
 
     @contextlib.contextmanager
     def fork(self, device: torch.device) -> Iterator[None]:
         """Run the enclosed ops on the sharded stream, then return to the replicated one."""
-        key = str(device)
+        key = _key(device)
         if key not in self._states:
             # Unseeded (single-process use, tests): the default stream is fine.
             yield
@@ -69,8 +75,8 @@ class ShardedRNG:
         return {k: v.clone() for k, v in self._states.items()}
 
     def set_states(self, states: dict[str, torch.Tensor]) -> None:
-        """Restore a snapshot taken by `get_states`."""
-        self._states = {k: v.clone() for k, v in states.items()}
+        """Restore a snapshot taken by `get_states` (older snapshots keyed "cuda:N" too)."""
+        self._states = {_key(k): v.clone() for k, v in states.items()}
 
 
 SHARDED_RNG = ShardedRNG()

@@ -72,6 +72,8 @@ def initialize(
     Works under the deepspeed launcher, torchrun, srun (SLURM variables) and mpirun, with NCCL on
     GPUs and gloo on CPU. Calling it again with the same TP size returns the same context.
     """
+    # Read when the CUDA context is made (pick_device below): setting it later does nothing.
+    os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
     import deepspeed
     from megatron.core import parallel_state as ps
 
@@ -110,7 +112,6 @@ def initialize(
         device=device,
     )
     set_seeds(seed, dp_rank=ctx.dp_rank, tp_rank=ctx.tp_rank, device=device)
-    os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
     return ctx
 
 

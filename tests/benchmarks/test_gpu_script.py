@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 from pathlib import Path
+
+import torch
 
 from sctd_dist.flops import step_flops_per_sequence
 from sctd_dist.model.config import BertModelConfig, TokenDropConfig
@@ -103,6 +106,8 @@ def test_a_compiled_arm_runs_train_py_with_compile(data_dir: Path, tmp_path: Pat
     start = [json.loads(line) for line in (Path(arm["log_dir"]) / "metrics.jsonl").read_text().splitlines()
              if '"event": "start"' in line]
     assert start and start[0]["compile"] is True and start[0]["sdpa_backend"] == arm["sdpa_backend"]
+    # fp32 on a CPU: no TF32; the share of micro-batches that attend with a mask is a share.
+    assert start[0]["tf32"] is False and 0.0 <= start[0]["attention_mask_share"] <= 1.0
 
 
 def test_arms_beyond_the_time_budget_are_skipped(data_dir: Path, tmp_path: Path) -> None:
@@ -132,4 +137,43 @@ def test_sctd_needs_whole_intervals_timed(tmp_path: Path, data_dir: Path) -> Non
     proc = _run(tmp_path, data_dir, "--modes", "sctd", "--train-iters", "4", "--warmup", "1")
     assert proc.returncode == 2
     assert "whole ScTD intervals of 10" in proc.stderr
-    assert not (tmp_path / "gpu.json").exists()
+    # The exit trap still leaves a result file saying why nothing ran.
+    result = json.loads((tmp_path / "gpu.json").read_text())
+    assert result["complete"] is False and result["arms"] == [] and result["exit_code"] == 2
+    assert "whole ScTD intervals of 10" in result["error"] and result["failed_phase"] == "benchmark"
+
+
+def test_gpus_torch_cannot_see_stop_in_one_line_with_a_result_file(tmp_path: Path) -> None:
+    """A host whose driver lists a GPU while its torch is a CPU build (this machine's torch, as
+    on a host where pip resolved a +cpu wheel): one line, the result file, and no CPU run."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    smi = bin_dir / "nvidia-smi"  # the host's driver tool, as such a host answers
+    smi.write_text("#!/bin/sh\ncase \"$1\" in -L) echo 'GPU 0: NVIDIA H200 (UUID: GPU-0)';;"
+                   " *) echo '570.86.15';; esac\n")
+    smi.chmod(0o755)
+    run_env = {**env(), "PATH": f"{bin_dir}:{env()['PATH']}"}
+    proc = subprocess.run(["bash", str(SCRIPT), "--quick", "--out-dir", str(tmp_path / "out")],
+                          cwd=REPO, env=run_env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 3, proc.stdout + proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, proc.stderr
+    assert "lists 1 GPU(s) (driver 570.86.15)" in errors[0] and "sees none" in errors[0]
+    assert f"torch {torch.__version__}" in errors[0]
+    assert "arms on" not in proc.stdout  # the benchmark never started
+    result = json.loads((tmp_path / "out" / "gpu.json").read_text())
+    assert result["complete"] is False and result["arms"] == [] and result["exit_code"] == 3
+    assert result["error"] in errors[0] and result["failed_phase"] == "setup"
+
+
+def test_arms_run_in_order_of_value() -> None:
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import gpu_throughput
+
+    args, _, _ = gpu_throughput.parse(["--device-kind", "cpu", "--compile-modes", "eager,compiled",
+                                       "--tp", "1,2", "--seqs", "128,512", "--train-iters", "20"])
+    names = [a["name"] for a in gpu_throughput.build_arms(args, "cpu", 0)]
+    if args.compile_fallback is None:  # this host can compile: compiled arms come last
+        assert names[-1].endswith("-compiled") and not any(n.endswith("-compiled") for n in names[:12])
+    assert names[:8] == ["s512-tp1-none", "s128-tp1-none", "s512-tp1-vanilla", "s512-tp1-sctd",
+                         "s128-tp1-vanilla", "s128-tp1-sctd", "s512-tp2-none", "s128-tp2-none"]

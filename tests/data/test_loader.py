@@ -22,11 +22,14 @@ def _loader(data_dir, dp_rank=0, dp_size=1, micro=4, consumed=0, **kw) -> Pretra
                                  consumed_samples=consumed, **kw)
 
 
+ROW_KEYS = ("input_ids", "attention_mask", "token_type_ids", "labels")  # the [micro, seq] entries
+
+
 def _global_batch(loaders: list[PretrainingDataLoader], consumed: int) -> dict[str, torch.Tensor]:
     """The step's samples in stream order: micro-step j of rank r covers one contiguous slice."""
     per_rank = [ld.batches_for_step(consumed) for ld in loaders]
     pieces = [per_rank[r][j] for j in range(loaders[0].grad_accum) for r in range(len(loaders))]
-    return {k: torch.cat([p[k] for p in pieces]) for k in pieces[0]}
+    return {k: torch.cat([p[k] for p in pieces]) for k in ROW_KEYS}
 
 
 def _equal(a: dict, b: dict) -> bool:
@@ -36,13 +39,21 @@ def _equal(a: dict, b: dict) -> bool:
 def test_batch_contents(prepared) -> None:
     ld = _loader(prepared, micro=6, dp_size=2, dp_rank=1)
     ds = ld.dataset
+    share = ld.padded_share(3)  # what the start record says: read from the rows, no masking
+    expected = [bool(b["padded"]) for step in range(3) for b in ld.batches_for_step(step * G)]
+    assert share == sum(expected) / len(expected)
     batches = next(ld)
     assert ld.grad_accum == 2 and len(batches) == 2 and ld.consumed_samples == G
     rows, epochs = ld.sample_indices_for_step(0)
     for j, b in enumerate(batches):
-        assert set(b) == {"input_ids", "attention_mask", "token_type_ids", "labels"}
-        for t in b.values():
-            assert t.shape == (6, ds.seq_length) and t.dtype == torch.int64
+        assert set(b) == {"input_ids", "attention_mask", "token_type_ids", "labels",
+                          "masked_positions", "padded"}
+        for k in ("input_ids", "attention_mask", "token_type_ids", "labels"):
+            assert b[k].shape == (6, ds.seq_length) and b[k].dtype == torch.int64
+        # Where the MLM head runs, and whether attention needs a mask, come with the batch.
+        assert torch.equal(b["masked_positions"], torch.nonzero(b["labels"].reshape(-1) != -100).squeeze(1))
+        assert b["padded"].dtype == torch.bool and b["padded"].dim() == 0
+        assert bool(b["padded"]) == bool((b["attention_mask"] == 0).any())
         original = torch.from_numpy(ds.get_rows(rows[j]))
         assert torch.equal(b["attention_mask"], (original != ds.special_ids.pad).long())
         assert not b["token_type_ids"].any()
@@ -123,7 +134,7 @@ def test_resume_with_another_dp_size(prepared) -> None:
         ld.load_state_dict(state)
     for k in range(3):
         got = [next(ld) for ld in pair]
-        merged = {key: torch.cat([got[r][0][key] for r in range(2)]) for key in got[0][0]}
+        merged = {key: torch.cat([got[r][0][key] for r in range(2)]) for key in expected[k]}
         assert _equal(merged, expected[k])
 
 

@@ -63,3 +63,20 @@ def test_activation_checkpointing_replays_dropout_under_tp():
     for g in run_ranks(checkpointed_grads, 2):
         for name in g[False]:
             torch.testing.assert_close(g[True][name], g[False][name], rtol=1e-6, atol=1e-7, msg=name)
+
+
+def test_sharded_states_are_keyed_by_device_type():
+    """A checkpointed stream resumes whatever local device index the rank gets, and snapshots
+    keyed "cuda:N" (older checkpoints) are found under the device type."""
+    from sctd_dist.parallel.random import ShardedRNG
+
+    rng = ShardedRNG()
+    rng.seed(7, torch.device("cpu"))
+    assert set(rng.get_states()) == {"cpu"}
+    state = rng.get_states()["cpu"]
+    rng.set_states({"cuda:3": state, "cpu": state})
+    assert set(rng.get_states()) == {"cuda", "cpu"}
+    with rng.fork(torch.device("cpu")):
+        drawn = torch.rand(3)
+    torch.manual_seed(7)
+    assert torch.equal(drawn, torch.rand(3))
