@@ -17,7 +17,7 @@ from typing import Any, Callable
 
 import torch
 
-from sctd_dist import preemption
+from sctd_dist import preemption, run_lock
 from sctd_dist.allocator import in_use as allocator_in_use
 from sctd_dist.arguments import TrainConfig
 from sctd_dist.checkpoint import (DATA_POSITION, Checkpointer, ResumePlan, RNGStreams, SavePolicy,
@@ -34,6 +34,7 @@ from sctd_dist.model.config import BertModelConfig
 from sctd_dist.model.pretraining import PretrainingModel, check_layout
 from sctd_dist.parallel import MegatronMPU, ParallelContext, check_tp_size, initialize, launch_env
 from sctd_dist.parallel.kernels import sdpa_backend
+from sctd_dist.run_lock import RunLock
 
 
 @dataclass
@@ -50,11 +51,14 @@ class Run:
     logger: MetricsLogger
     step_flops: Callable[[int], float]  # model FLOPs of optimizer step `step`, all ranks together
     start_step: int  # optimizer steps done before this process started
+    lock: RunLock  # rank 0's ownership of --save (empty elsewhere)
 
 
 def build_run(cfg: TrainConfig) -> Run:
     """Make a new run, or resume one from the newest checkpoint in --load (default --save)."""
     preemption.install()  # first: a signal during start-up must not kill the job unsaved
+    lock = run_lock.for_run(cfg.save, launch_env.discover().rank, take_over=cfg.take_over,
+                            stale_after_s=cfg.lock_stale_after)  # before any work: one run per --save
     import deepspeed
 
     ds_file = load_ds_config(cfg.deepspeed_config)
@@ -63,7 +67,8 @@ def build_run(cfg: TrainConfig) -> Run:
     check_layout(model_cfg, cfg.token_drop, cfg.seq_length, cfg.tensor_model_parallel_size,
                  cfg.sequence_parallel)
     check_checkpoint_fits(cfg, model_cfg, ds_file)
-    ctx = initialize(cfg.tensor_model_parallel_size, sequence_parallel=cfg.sequence_parallel, seed=cfg.seed)
+    ctx = initialize(cfg.tensor_model_parallel_size, sequence_parallel=cfg.sequence_parallel, seed=cfg.seed,
+                     timeout_s=cfg.dist_timeout)
     ds = prepare_ds_config(cfg, ds_file, ctx.dp_size, ctx.device.type)
     masking = MaskingConfig(whole_word_masking=cfg.whole_word_masking)
     batch, micro = ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"]
@@ -98,11 +103,13 @@ def build_run(cfg: TrainConfig) -> Run:
                  consumed_samples=loader.consumed_samples, checkpoint=None if plan is None else plan.source_tag,
                  world_size=ctx.world_size, dp_size=ctx.dp_size, tp_size=ctx.tp_size,
                  precision=str(precision(ds)), zero_stage=zero_stage(ds), **runtime)
+    if lock.takeover is not None:
+        logger.event("run_lock_takeover", **lock.takeover)
     if plan is not None:
         log_resume_changes(logger, plan, ctx, start_step, loader.consumed_samples, cfg.keep_data_position)
     flops = partial(step_flops, model_cfg, cfg.token_drop, cfg.seq_length,
                     masking.mlm_probability * cfg.seq_length, batch)
-    return Run(cfg, ctx, model, engine, loader, valid_loader, checkpointer, logger, flops, start_step)
+    return Run(cfg, ctx, model, engine, loader, valid_loader, checkpointer, logger, flops, start_step, lock)
 
 
 def runtime_info(model_cfg: BertModelConfig, ctx: ParallelContext, seq_length: int,
