@@ -11,6 +11,8 @@ name of one that failed; the training loop says which step it is at (`at_step`),
 from __future__ import annotations
 
 import functools
+import re
+import socket
 import sys
 from typing import Any, Callable
 
@@ -72,9 +74,22 @@ def failure_line(exc: BaseException, rank: int) -> str | None:
     if "imed out" in text or "Timeout" in text:
         why = f"did not complete within --dist-timeout {_where['timeout_s']:g} s: another rank stopped responding"
     else:
-        why = "failed because another rank went away (its process or node was lost)"
+        why = f"failed because another rank went away{_peer(text)} (its process or node was lost)"
     detail = text.strip().splitlines()[0][:200] if text.strip() else type(exc).__name__
     return f"error: rank {rank} {step}: {name} {why}; ending the run ({detail})"
+
+
+def _peer(text: str) -> str:
+    """` (peer HOST, ADDR)` when gloo's message names the address of the peer that went away."""
+    found = re.search(r"\[([0-9a-fA-F.:]+)\]:\d+", text)
+    if not found:
+        return ""
+    addr = found.group(1)
+    try:
+        host = socket.gethostbyaddr(addr)[0]
+    except OSError:
+        return f" (peer {addr})"
+    return f" (peer {host}, {addr})"
 
 
 def report(exc: BaseException, rank: int) -> bool:

@@ -61,5 +61,6 @@ def test_failure_lines():
     assert collective_timeout.failure_line(ValueError("bad flag"), 0) is None
     line = collective_timeout.failure_line(RuntimeError("[gloo] Timed out waiting 12000ms for recv"), 1)
     assert line.startswith("error: rank 1 at step 5: ") and "--dist-timeout 12 s" in line
-    lost = collective_timeout.failure_line(RuntimeError("[gloo] Connection closed by peer"), 0)
-    assert "went away" in lost and "\n" not in lost
+    lost = collective_timeout.failure_line(
+        RuntimeError("[pair.cc:534] Connection closed by peer [127.0.0.1]:4242"), 0)
+    assert "went away (peer " in lost and "127.0.0.1)" in lost and "\n" not in lost
