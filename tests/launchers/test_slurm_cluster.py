@@ -144,7 +144,9 @@ def test_hung_rank_then_lost_node_then_resume_on_one_node(cluster, tmp_path, dat
     assert state == "FAILED", out[-4000:]
     lines = re.findall(rf"error: rank \d+ at step \d+: \w+ did not complete within --dist-timeout "
                        rf"{DIST_TIMEOUT_S} s[^\n]*", out)
-    assert len(lines) == 1, out[-6000:]
+    # One line from the rank that waited; SLURM's SIGCONT before its SIGTERM can wake the stopped
+    # rank, whose own collective then times out too and says so.
+    assert 1 <= len(lines) <= 2, out[-6000:]
     assert DIST_TIMEOUT_S - 5 <= elapsed <= DIST_TIMEOUT_S + 90, elapsed
     cluster.signal_tasks("node2", "train.py", "KILL")  # left stopped by the failed step
     cluster.wait_idle(["node1", "node2"], 60)

@@ -1,58 +1,54 @@
-"""--dist-timeout: a rank that stops responding (SIGSTOP) makes the others stop within the timeout,
-with one line naming the step and the collective. The real entry point under torchrun, 2 gloo
-ranks, the tiny model."""
+"""--dist-timeout: a rank that stops responding (SIGSTOP) makes the others' collective fail within
+the timeout, with one line naming the step and the collective. Real gloo ranks, with the groups
+made by `sctd_dist.parallel.initialize` (DeepSpeed's world group, megatron-core's DP group); the
+same through train.py and SLURM is in tests/launchers/test_slurm_cluster.py."""
 
 from __future__ import annotations
 
+import os
 import re
 import signal
 import time
 
-import psutil
-
 from sctd_dist.parallel import collective_timeout
-from tests.conftest import SEQ
-from tests.training import launch
+from tests.distributed import run_ranks
 
-TIMEOUT_S = 30
-
-
-def _rank_process(proc, rank: int) -> psutil.Process:
-    for p in launch._workers(proc):
-        try:
-            if "train.py" in " ".join(p.cmdline()) and p.environ().get("RANK") == str(rank):
-                return p
-        except psutil.NoSuchProcess:
-            pass
-    raise AssertionError(f"no worker of rank {rank}")
+TIMEOUT_S = 4.0
 
 
-def test_a_stopped_rank_ends_the_job_within_the_timeout(tmp_path, data_dir):
-    args = ["--data-path", str(data_dir), "--seq-length", str(SEQ), "--train-iters", "100000",
-            "--global-batch-size", "4", "--micro-batch-size", "2", "--eval-iters", "0",
-            "--log-dir", str(tmp_path / "logs"), "--no-progress", "--dist-timeout", str(TIMEOUT_S)]
-    proc = launch.start(2, *args)
-    metrics = tmp_path / "logs" / "metrics.jsonl"
-    launch.wait_for(lambda: metrics.is_file() and metrics.read_text().count('"loss"') >= 3, proc)
-    stopped = _rank_process(proc, 1)
-    stopped.send_signal(signal.SIGSTOP)
+def _stop_one_rank(rank: int, world_size: int) -> dict:
+    import torch
+    import torch.distributed as dist
+
+    from sctd_dist.parallel import initialize
+
+    ctx = initialize(1, timeout_s=TIMEOUT_S)
+    pids = [None] * world_size
+    dist.all_gather_object(pids, os.getpid())
+    collective_timeout.at_step(7)
+    if rank == 1:
+        os.kill(os.getpid(), signal.SIGSTOP)  # hangs here until rank 0 lets it go
+        return {"resumed": True}
     t0 = time.monotonic()
     try:
-        out, _ = proc.communicate(timeout=TIMEOUT_S + 150)
-    finally:
-        if stopped.is_running():
-            stopped.kill()
-        launch.kill(proc)
+        dist.all_reduce(torch.ones(4), group=ctx.dp_group)
+    except Exception as exc:  # noqa: BLE001 - the failure under test
+        line = collective_timeout.failure_line(exc, rank)
+    else:
+        line = None
     elapsed = time.monotonic() - t0
-    assert proc.returncode != 0, out[-4000:]
-    lines = [line for line in out.splitlines() if "did not complete within --dist-timeout" in line]
-    assert len(lines) == 1, out[-6000:]
-    match = re.search(rf"error: rank 0 at step (\d+): (\w+) did not complete within --dist-timeout "
-                      rf"{TIMEOUT_S} s", lines[0])
-    assert match and match.group(2) in collective_timeout.COLLECTIVES, lines[0]
-    assert int(match.group(1)) >= 2
-    # Ended by the timeout (not sooner, not by the test's own limit): the line, then the launcher.
-    assert TIMEOUT_S - 5 <= elapsed <= TIMEOUT_S + 120, elapsed
+    os.kill(pids[1], signal.SIGCONT)
+    return {"line": line, "elapsed": elapsed}
+
+
+def test_a_stopped_rank_fails_the_others_within_the_timeout():
+    first, stopped = run_ranks(_stop_one_rank, 2, timeout=120)
+    assert stopped == {"resumed": True}
+    assert first["line"] is not None, "the collective did not fail"
+    assert re.match(rf"error: rank 0 at step 7: all_reduce did not complete within --dist-timeout "
+                    rf"{TIMEOUT_S:g} s: another rank stopped responding", first["line"]), first["line"]
+    assert "\n" not in first["line"]
+    assert TIMEOUT_S - 1 <= first["elapsed"] <= TIMEOUT_S + 20, first["elapsed"]
 
 
 def test_failure_lines():
