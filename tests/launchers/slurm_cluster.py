@@ -221,12 +221,16 @@ class Cluster:
         out = self.client("sbatch", "--parsable", *args, script, env=env, cwd=cwd).stdout
         return out.strip().split(";")[0]
 
-    def job_state(self, job_id: str) -> str:
+    def job_field(self, job_id: str, name: str) -> str:
+        """One field of `scontrol show job` ("" when the job is unknown)."""
         out = self.client("scontrol", "show", "job", job_id, "-o", check=False).stdout
         for word in out.split():
-            if word.startswith("JobState="):
+            if word.startswith(f"{name}="):
                 return word.split("=", 1)[1]
-        return "UNKNOWN"
+        return ""
+
+    def job_state(self, job_id: str) -> str:
+        return self.job_field(job_id, "JobState") or "UNKNOWN"
 
     def wait_job(self, job_id: str, states: tuple[str, ...], timeout: float) -> str:
         """Wait until the job is in one of `states`; returns it."""

@@ -156,15 +156,24 @@ def test_hung_rank_then_lost_node_then_resume_on_one_node(cluster, tmp_path, dat
     job = submit(cluster, tmp_path, env, "--nodes=2", "--time=10")
     metrics = tmp_path / "logs" / f"sctd-bert-base-{job}" / "train" / "metrics.jsonl"
     wait_for("a resumed checkpoint", lambda: events(records(metrics), "checkpoint"), cluster, job, tmp_path)
-    before = int(checkpoint.latest_tag(save).removeprefix("global_step"))
     cluster.kill_node("node2")
     t0 = time.monotonic()
-    state = cluster.wait_job(job, END_STATES, timeout=NODE_LOSS_LIMIT_S)
+
+    def attempt_over() -> bool:  # ended, or requeued by SLURM for the node failure (--requeue)
+        state = cluster.job_state(job)
+        return state in END_STATES or state == "PENDING" and int(cluster.job_field(job, "Restarts") or 0) > 0
+
+    deadline = t0 + NODE_LOSS_LIMIT_S
+    while not attempt_over():
+        assert time.monotonic() < deadline, f"job {job} still runs {NODE_LOSS_LIMIT_S} s after node2 was lost"
+        time.sleep(0.5)
     out = slurm_out(tmp_path, job)
-    assert state in ("FAILED", "NODE_FAIL"), out[-4000:]
-    assert time.monotonic() - t0 <= NODE_LOSS_LIMIT_S
-    assert re.search(r"error: rank \d+ at step \d+: \w+ failed because another rank went away", out) \
-        or "node2" in out.split("error", 1)[-1], out[-6000:]
+    assert re.search(r"error: rank \d+ at step \d+: \w+ failed because another rank went away \(peer node2, "
+                     r"10\.241\.0\.12\)", out) or "Node failure on node2" in out, out[-6000:]
+    cluster.client("scancel", job)  # the requeued job would wait for node2; resubmit on node1
+    cluster.wait_job(job, ("CANCELLED",), timeout=60)
+    cluster.wait_idle(["node1"], 60)
+    before = int(checkpoint.latest_tag(save).removeprefix("global_step"))
 
     # 3. Resubmitted on the one node left: resumes from the newest checkpoint at TP=1 x DP=1.
     env1 = dict(env, TRAIN_ITERS=str(before + 4))
@@ -173,7 +182,7 @@ def test_hung_rank_then_lost_node_then_resume_on_one_node(cluster, tmp_path, dat
     assert state == "COMPLETED", slurm_out(tmp_path, job)[-6000:]
     recs = records(tmp_path / "logs" / f"sctd-bert-base-{job}" / "train" / "metrics.jsonl")
     (resume,) = events(recs, "resume")
-    assert resume["step"] >= before and resume["dp_size"] == 1
+    assert resume["step"] == before and resume["dp_size"] == 1
     (layout,) = events(recs, "layout_change")
     assert layout["saved_dp_size"] == 2 and layout["dp_size"] == 1
     assert checkpoint.latest_tag(save) == checkpoint.tag_for(before + 4)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
+import sys
 
 from sctd_dist import checkpoint
 from sctd_dist.run_lock import LOCK_FILE
@@ -35,7 +36,8 @@ def test_second_run_refused_first_untouched_then_sigkill_taken_over(tmp_path, da
     try:
         holder = json.loads(lock.read_text())
         # A second run on the same folder while the first lives: refused with one line.
-        second = subprocess.run(launch.command(1, *_args(tmp_path, data_dir, 24, logs="logs2")),
+        # (one process, no launcher: torchrun would add its own traceback of a failed worker)
+        second = subprocess.run([sys.executable, str(launch.TRAIN), *_args(tmp_path, data_dir, 24, "logs2")],
                                 cwd=launch.REPO, env=launch.env(), capture_output=True, text=True,
                                 timeout=400)
     finally:
