@@ -31,6 +31,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from sctd_dist.checkpoint import check_writable
 from sctd_dist.coordination import atomic_write
 
 LOCK_FILE = "run.lock"
@@ -236,4 +237,5 @@ def for_run(save_dir: Path | None, rank: int, *, take_over: bool = False,
     lock (nothing held) on the other ranks and without --save."""
     if rank != 0 or save_dir is None:
         return RunLock()
+    check_writable(Path(save_dir))  # a file or a read-only folder: its own one-line error first
     return acquire(save_dir, take_over=take_over, stale_after_s=stale_after_s)
