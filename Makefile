@@ -4,7 +4,10 @@ PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-TORCH_CPU_VERSION ?= 2.13.0
+# The tested versions of every package (constraints.txt, written by `make lock`); torch's version
+# comes from there too.
+CONSTRAINTS := constraints.txt
+TORCH_VERSION ?= $(shell sed -n 's/^torch==//p' $(CONSTRAINTS))
 PYTEST_WORKERS ?= 2
 # DeepSpeed JIT-builds a small C++ op at the first process group of every run; keep the build with
 # the venv, so two checkouts on one machine do not rebuild it for each other (torch's default cache
@@ -21,13 +24,15 @@ DEMO_RANKS ?= $(shell n=$$(nvidia-smi -L 2>/dev/null | wc -l); [ "$$n" -gt 0 ] &
 DEMO_CONFIG ?= $(shell nvidia-smi -L >/dev/null 2>&1 && echo ds_configs/zero2_bf16.json || echo ds_configs/cpu_tiny.json)
 DEMO_PORT ?= $(shell $(PY) -c "import socket; s=socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])")
 
-.PHONY: setup test demo bench quality clean docker
+.PHONY: setup test demo bench quality clean docker lock
 
 setup: $(STAMP)
 
-# Torch goes in first: anything that depends on it would otherwise pull a multi-GB CUDA build
-# on a CPU machine. With a CUDA GPU visible the default (CUDA) wheel is the right one.
-$(STAMP): pyproject.toml
+# Torch goes in first, at constraints.txt's version: anything that depends on it would otherwise
+# pull a multi-GB CUDA build on a CPU machine (here the CPU wheel comes from the local wheel
+# folder). With a CUDA GPU visible the default (CUDA) wheel of that version is the right one.
+# Everything else installs at the versions of constraints.txt; pyproject.toml keeps ranges.
+$(STAMP): pyproject.toml $(CONSTRAINTS)
 	@if ! command -v mpicc >/dev/null 2>&1; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
 	    echo "installing OpenMPI (needed by mpi4py)"; \
@@ -43,15 +48,26 @@ $(STAMP): pyproject.toml
 	      || echo "warning: could not install libtcmalloc-minimal4; glibc malloc settings will be used" >&2; \
 	  else echo "note: no tcmalloc/jemalloc and not root; glibc malloc settings will be used" >&2; fi; \
 	fi
+	@# A real SLURM cluster on this machine for tests/launchers/test_slurm_cluster.py.
+	@if ! command -v slurmctld >/dev/null 2>&1 || ! command -v munged >/dev/null 2>&1; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing slurm-wlm and munge (the real-cluster tests)"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq slurm-wlm munge >/dev/null; \
+	  else echo "warning: slurm-wlm/munge missing and not root with apt-get: the real-cluster tests will fail; install slurm-wlm and munge" >&2; fi; \
+	fi
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip setuptools wheel
-	@if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then \
-	  $(BIN)/python -m pip install -q torch; \
-	else \
-	  $(BIN)/python -m pip install -q "torch==$(TORCH_CPU_VERSION)"; \
-	fi
-	DS_BUILD_OPS=0 $(BIN)/python -m pip install -q -e ".[test,bench]"
+	$(BIN)/python -m pip install -q "torch==$(TORCH_VERSION)"
+	DS_BUILD_OPS=0 $(BIN)/python -m pip install -q -c $(CONSTRAINTS) -e ".[test,bench]"
 	touch $(STAMP)
+
+# Rewrites constraints.txt from the venv after a deliberate upgrade (pip install -U ... into .venv,
+# then `make test`): the exact versions CI, the Docker images and the SLURM instructions install.
+# torch's local build label (+cpu) is dropped so that CUDA builds of the same version match.
+lock:
+	{ echo "# Tested versions (Python 3.11, CPU CI). Written by \`make lock\` from the venv; install with"; \
+	  echo "# pip install -c constraints.txt -e '.[test,bench]' (torch first: see the Makefile)."; \
+	  $(BIN)/python -m pip freeze --exclude-editable | sed -E 's/^(torch==[^+]*)\+.*/\1/'; } >$(CONSTRAINTS)
 
 test: setup
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -n $(PYTEST_WORKERS) -q tests

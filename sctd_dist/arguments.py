@@ -44,6 +44,9 @@ class TrainConfig:
                                    group=_PARALLEL)
     activation_checkpointing: bool = flag(False, "recompute each layer in backward", group=_PARALLEL)
     compile: bool = flag(False, "torch.compile each encoder layer (fused kernels on GPUs)", group=_PARALLEL)
+    dist_timeout: float = flag(900.0, "seconds a collective may wait for the other ranks before the run "
+                               "stops with a line naming the step and the collective (a hung or lost "
+                               "rank); long enough for a checkpoint save", group=_PARALLEL)
     token_drop: TokenDropConfig = flag(default_factory=TokenDropConfig, group=_DROP)
     train_iters: int = flag(100, "optimizer steps of the run", group=_SCHEDULE)
     lr_decay_iters: int | None = flag(None, "length of the LR schedule (default: --train-iters); a "
@@ -66,6 +69,10 @@ class TrainConfig:
     on_bad_checkpoint: str = flag("fallback", "when the checkpoint to resume fails to verify (a file "
                                   "missing, truncated or garbled): resume the newest one that verifies, "
                                   "or stop", choices=ON_BAD, group=_OUTPUT)
+    take_over: bool = flag(False, "start even when the run lock in --save names a live run (stop that "
+                           "run first: two runs writing one folder overwrite each other)", group=_OUTPUT)
+    lock_stale_after: float = flag(600.0, "seconds without a refresh after which a run lock held on "
+                                   "another host counts as abandoned and is taken over", group=_OUTPUT)
     log_dir: Path | None = flag(None, "metrics.jsonl and TensorBoard events", group=_OUTPUT)
     progress: bool = flag(True, "no progress bar", name="--no-progress", group=_OUTPUT)
 
@@ -89,6 +96,9 @@ class TrainConfig:
             raise ValueError(f"--save-interval must be >= 1, got {self.save_interval}")
         if self.save_interval is not None and self.save is None:
             raise ValueError("--save-interval needs --save DIR")
+        for name in ("dist_timeout", "lock_stale_after"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be > 0 seconds, got {getattr(self, name)}")
         if self.keep_last is not None and self.keep_last < 1:
             raise ValueError(f"--keep-last must be >= 1, got {self.keep_last}")
         if self.sequence_parallel and self.tensor_model_parallel_size == 1:

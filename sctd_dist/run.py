@@ -18,7 +18,7 @@ from typing import Any, Callable
 
 import torch
 
-from sctd_dist import preemption
+from sctd_dist import preemption, run_lock
 from sctd_dist.allocator import in_use as allocator_in_use
 from sctd_dist.arguments import TrainConfig
 from sctd_dist.checkpoint import (DATA_POSITION, Checkpointer, ResumePlan, RNGStreams, SavePolicy,
@@ -36,6 +36,7 @@ from sctd_dist.model.config import BertModelConfig
 from sctd_dist.model.pretraining import PretrainingModel, check_layout
 from sctd_dist.parallel import MegatronMPU, ParallelContext, check_tp_size, initialize, launch_env
 from sctd_dist.parallel.kernels import allow_tf32, sdpa_backend
+from sctd_dist.run_lock import RunLock
 from sctd_dist.run_record import RunRecord
 
 
@@ -53,6 +54,7 @@ class Run:
     logger: MetricsLogger
     step_flops: Callable[[int], float]  # model FLOPs of optimizer step `step`, all ranks together
     start_step: int  # optimizer steps done before this process started
+    lock: RunLock  # rank 0's ownership of --save (empty elsewhere)
 
 
 def build_run(cfg: TrainConfig) -> Run:
@@ -62,10 +64,13 @@ def build_run(cfg: TrainConfig) -> Run:
     yet), plan the resume (`plan_resume`: verify, fall back, compare records, reshard), then
     build and apply it (`Checkpointer.start`), logging what the resume changed once."""
     preemption.install()  # first: a signal during start-up must not kill the job unsaved
+    lock = run_lock.for_run(cfg.save, launch_env.discover().rank, take_over=cfg.take_over,
+                            stale_after_s=cfg.lock_stale_after)  # before any work: one run per --save
     import deepspeed
 
     settled = settle(cfg)
-    ctx = initialize(cfg.tensor_model_parallel_size, sequence_parallel=cfg.sequence_parallel, seed=cfg.seed)
+    ctx = initialize(cfg.tensor_model_parallel_size, sequence_parallel=cfg.sequence_parallel, seed=cfg.seed,
+                     timeout_s=cfg.dist_timeout)
     plan = plan_resume(cfg.load_dir, settled.record, cfg.on_bad_checkpoint, ctx.tp_rank, ctx.dp_rank)
     ds, train_set, masking = settled.ds, settled.train_set, MaskingConfig(whole_word_masking=cfg.whole_word_masking)
     batch, micro = ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"]
@@ -105,11 +110,13 @@ def build_run(cfg: TrainConfig) -> Run:
                  train_config=settled.record.train_config, deepspeed_config=ds,
                  # micro-batches with padding run attention with a mask (no FlashAttention)
                  attention_mask_share=loader.padded_share(min(cfg.train_iters - start_step, 100)))
+    if lock.takeover is not None:
+        logger.event("run_lock_takeover", **lock.takeover)
     if plan is not None:
         log_resume_changes(logger, plan, ctx, start_step, loader.consumed_samples, cfg.keep_data_position)
     flops = partial(step_flops, settled.model_cfg, cfg.token_drop, cfg.seq_length,
                     masking.mlm_probability * cfg.seq_length, batch)
-    return Run(cfg, ctx, model, engine, loader, valid_loader, checkpointer, logger, flops, start_step)
+    return Run(cfg, ctx, model, engine, loader, valid_loader, checkpointer, logger, flops, start_step, lock)
 
 
 @dataclass(frozen=True)

@@ -21,9 +21,10 @@ import torch
 
 from sctd_dist import preemption
 from sctd_dist.arguments import parse_args
-from sctd_dist.coordination import is_rank0
+from sctd_dist.coordination import is_rank0, rank
 from sctd_dist.metrics import StepTimer, engine_stats, step_means
 from sctd_dist.model.pretraining import PretrainingModel
+from sctd_dist.parallel import collective_timeout
 from sctd_dist.run import Run, build_run
 
 
@@ -81,6 +82,8 @@ def train(run: Run) -> dict[str, Any]:
     cfg, logger, timer = run.cfg, run.logger, StepTimer(run.ctx.device)
     step, stopped = run.start_step, False
     while step < cfg.train_iters and not stopped:
+        run.lock.at_step(step)
+        collective_timeout.at_step(step)
         timer.start()
         numbers = train_step(run, step)
         logger.step(step, run.loader.consumed_samples, numbers, timer.stop(), run.step_flops(step))
@@ -101,15 +104,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     cfg = parse_args(argv)
     try:
         summary = train(build_run(cfg))
+        print_summary = is_rank0()  # decided while the process group is still up
     except ValueError as exc:  # configuration errors: one clear line, no traceback
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except Exception as exc:  # a hung or lost rank: one line naming the step and the collective
+        if collective_timeout.report(exc, rank()):
+            return 3
+        raise
     finally:  # NCCL warns of (and may hang on) a process group left to the interpreter's exit
         import torch.distributed as dist
 
         if dist.is_initialized():
             dist.destroy_process_group()
-    if is_rank0():
+    if print_summary:
         print(json.dumps(summary, indent=2))
     return 0
 

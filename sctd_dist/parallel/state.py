@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from sctd_dist.parallel import launch_env
+from sctd_dist.parallel import collective_timeout, launch_env
 from sctd_dist.parallel.random import set_seeds
 
 # megatron-core warns at import about optional CUDA-only extensions we do not use.
@@ -65,18 +65,21 @@ def initialize(
     *,
     sequence_parallel: bool = False,
     seed: int = 1234,
-    timeout_minutes: int = 30,
+    timeout_s: float = 1800.0,
 ) -> ParallelContext:
     """Initialise torch.distributed (via DeepSpeed) and megatron-core's TP/DP groups; seed RNGs.
 
     Works under the deepspeed launcher, torchrun, srun (SLURM variables) and mpirun, with NCCL on
     GPUs and gloo on CPU. Calling it again with the same TP size returns the same context.
+    Every process group waits `timeout_s` seconds at most for a collective (`--dist-timeout`).
     """
     # Read when the CUDA context is made (pick_device below): setting it later does nothing.
     os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
     import deepspeed
     from megatron.core import parallel_state as ps
 
+    collective_timeout.install(timeout_s)
+    timeout = datetime.timedelta(seconds=timeout_s)
     info = launch_env.discover()
     check_tp_size(tensor_model_parallel_size, info.world_size)
     launch_env.export(info)
@@ -84,13 +87,13 @@ def initialize(
     backend = "nccl" if device.type == "cuda" else "gloo"
     if not dist.is_initialized() and info.launcher == "single":
         # One process and no launcher: an in-memory store needs no address or port.
-        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
     elif not dist.is_initialized():
         deepspeed.init_distributed(
             dist_backend=backend,
             auto_mpi_discovery=False,  # launch_env already mapped MPI/SLURM variables
             verbose=False,
-            timeout=datetime.timedelta(minutes=timeout_minutes),
+            timeout=timeout,
         )
     if ps.model_parallel_is_initialized():
         if ps.get_tensor_model_parallel_world_size() != tensor_model_parallel_size:
@@ -98,7 +101,7 @@ def initialize(
     else:
         ps.initialize_model_parallel(
             tensor_model_parallel_size=tensor_model_parallel_size,
-            distributed_timeout_minutes=timeout_minutes,
+            distributed_timeout_minutes=timeout_s / 60,  # a timedelta's minutes: fractions work
             create_gloo_process_groups=False,
         )
     ctx = ParallelContext(

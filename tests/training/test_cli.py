@@ -55,6 +55,7 @@ def test_missing_data_dir(tmp_path):
     ("--lr-decay-iters", "0", "--lr-decay-iters must be >= 1"),
     ("--sctd-mlm-mix", "1.5", "--sctd-mlm-mix must be in [0, 1]"),
     ("--sctd-weight", "-1", "--sctd-weight must be a finite number >= 0"),
+    ("--dist-timeout", "0", "--dist-timeout must be > 0 seconds"),
 ])
 def test_out_of_range_flags(flag, value, needle):
     p = run_train(flag, value)
