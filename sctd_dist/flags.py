@@ -4,7 +4,8 @@ A field made with `flag(...)` carries its flag name, help text and argparse grou
 type and default; `add_flags` turns a dataclass's fields into arguments of a parser and
 `from_flags` builds the dataclass back from the parsed namespace. A field whose type is itself
 a dataclass contributes that dataclass's flags. Booleans are switches: `--name` turns on a field
-that defaults to False; a field that defaults to True needs an explicit `--no-...` name.
+that defaults to False; a field that defaults to True needs an explicit `--no-...` name. A field
+without a default is a required flag; a `list[X]` field takes one or more values.
 """
 
 from __future__ import annotations
@@ -59,10 +60,16 @@ def add_flags(parser: argparse.ArgumentParser, cls: type, prefix: str = "",
         if title not in groups:
             groups[title] = parser.add_argument_group(title) if title else parser
         names = [f.metadata["flag"] or "--" + f.name.replace("_", "-"), *f.metadata["aliases"]]
-        default = f.default_factory() if f.default is dataclasses.MISSING else f.default
-        shown = "" if default is None or kind is bool else f" (default: {default})"
+        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        default = None if required else f.default_factory() if f.default is dataclasses.MISSING else f.default
+        shown = "" if default in (None, []) or kind is bool else f" (default: {_shown(default)})"
         options: dict[str, Any] = {"dest": prefix + f.name, "default": default,
                                    "help": f.metadata["help"] + shown}
+        if required:
+            options["required"] = True
+        if typing.get_origin(kind) is list:  # one or more values of the element type
+            (kind,) = typing.get_args(kind)
+            options["nargs"] = "+"
         if kind is bool:
             options["action"] = "store_false" if default else "store_true"
         elif typing.get_origin(kind) is Literal:
@@ -73,6 +80,13 @@ def add_flags(parser: argparse.ArgumentParser, cls: type, prefix: str = "",
             options.update(type=_finite_float if kind is float else kind, metavar=f.metadata["metavar"]
                            or names[0].lstrip("-").replace("-", "_").upper())
         groups[title].add_argument(*names, **options)
+
+
+def _shown(default: Any) -> str:
+    """A default as the user would type it (lists space-separated)."""
+    if isinstance(default, (list, tuple)):
+        return " ".join(f"{v:g}" if isinstance(v, float) else str(v) for v in default)
+    return str(default)
 
 
 def _finite_float(text: str) -> float:
