@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from sctd_dist.coordination import atomic_write
-from sctd_dist.finetune.config import FinetuneConfig, TrainSettings  # noqa: F401 (TrainSettings: API)
+from sctd_dist.finetune.config import FinetuneConfig
 from sctd_dist.finetune.trainer import Job
 from sctd_dist.flags import add_flags, from_flags
 
@@ -172,13 +172,14 @@ def run(cfg: FinetuneConfig, argv: Sequence[str] | None = None) -> dict[str, Any
     """Validate everything, fine-tune the grid, write results.json / results.md; returns the results."""
     from sctd_dist.finetune.segments import decide
     from sctd_dist.finetune.summary import markdown, summarize_task
-    from sctd_dist.finetune.weights import checkpoint_state_dict, resolve_model
+    from sctd_dist.finetune.weights import check_model, checkpoint_state_dict, resolve_model
 
     started = time.perf_counter()
     if not cfg.progress:
         import datasets
 
         datasets.disable_progress_bars()
+    check_model(cfg.model, cfg.tag)
     tasks = _load_data(cfg)  # every file and column problem surfaces here, before the model loads
     devices = _devices(cfg)
     cfg.out.mkdir(parents=True, exist_ok=True)

@@ -38,11 +38,17 @@ def matthews_correlation(predictions: Sequence, references: Sequence) -> float:
     return float(matthews_corrcoef(references, predictions))
 
 
+def is_constant(values: Sequence[float]) -> bool:
+    """One value throughout, up to float rounding (a batch's rows may round differently)."""
+    x = np.asarray(values, float)
+    return x.size == 0 or float(np.ptp(x)) <= 1e-6 * max(1.0, float(np.abs(x).max()))
+
+
 def _correlation(fn, predictions: Sequence[float], references: Sequence[float]) -> float:
     """A correlation; NaN (undefined) when either side is constant, as for a model that predicts
     one value for every example."""
     x, y = np.asarray(predictions, float), np.asarray(references, float)
-    if np.ptp(x) == 0 or np.ptp(y) == 0:
+    if is_constant(x) or is_constant(y):
         return float("nan")
     return float(fn(x, y)[0])
 

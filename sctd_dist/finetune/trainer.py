@@ -87,7 +87,7 @@ def _evaluate_classification(job: Job, model, split: str, collate, device) -> di
     if job.kind == "regression":
         values = logits.squeeze(-1).tolist()
         return {"metrics": metrics.compute(job.metrics, values, references),
-                "single_prediction": len(set(values)) == 1}
+                "single_prediction": metrics.is_constant(values)}
     predictions = logits.argmax(-1).tolist()
     counts = dict(sorted(Counter(predictions).items()))
     return {"metrics": metrics.compute(job.metrics, predictions, references),

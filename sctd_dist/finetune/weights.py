@@ -52,22 +52,32 @@ def _checkpoint_location(path: Path, tag: str | None) -> tuple[Path, str | None]
     return None
 
 
-@contextlib.contextmanager
-def resolve_model(path: Path, tag: str | None = None, work_dir: Path | None = None) -> Iterator[ModelSource]:
-    """The Hugging Face folder of `--model`, exported into a temporary folder (under `work_dir`)
-    for the duration of the block when `path` is a checkpoint."""
+def check_model(path: Path, tag: str | None = None) -> None:
+    """Raise ValueError when `--model` (with `--tag`) is neither a Hugging Face folder nor a
+    checkpoint folder: cheap, so that it runs before any data is read."""
     path = Path(path)
     if not path.is_dir():
         raise ValueError(f"--model {path} does not exist")
     if _is_hf_folder(path):
         if tag is not None:
             raise ValueError(f"--tag is for checkpoint folders; --model {path} is a Hugging Face folder")
+        return
+    if _checkpoint_location(path, tag) is None:
+        raise ValueError(f"--model {path} is neither a Hugging Face folder (config.json) nor an sctd-dist "
+                         "checkpoint folder (a --save folder with 'latest', or a global_stepN folder)")
+
+
+@contextlib.contextmanager
+def resolve_model(path: Path, tag: str | None = None, work_dir: Path | None = None) -> Iterator[ModelSource]:
+    """The Hugging Face folder of `--model`, exported into a temporary folder (under `work_dir`)
+    for the duration of the block when `path` is a checkpoint."""
+    path = Path(path)
+    check_model(path, tag)
+    if _is_hf_folder(path):
         yield ModelSource(path, path)
         return
     location = _checkpoint_location(path, tag)
-    if location is None:
-        raise ValueError(f"--model {path} is neither a Hugging Face folder (config.json) nor an sctd-dist "
-                         "checkpoint folder (a --save folder with 'latest', or a global_stepN folder)")
+    assert location is not None  # check_model
     from sctd_dist import checkpoint
     from sctd_dist.export import export
 

@@ -23,7 +23,7 @@ def test_topic_task_from_a_checkpoint_beats_the_majority_class(pretrained_checkp
     # --model is the checkpoint folder: exported on the fly, weights verified, then fine-tuned.
     assert main(["--model", str(pretrained_checkpoint), "--task", "stdlib-topic", "--out", str(out),
                  "--learning-rates", "1e-3", "--seeds", "1", "--num-train-epochs", "3",
-                 "--max-seq-length", "64", "--cache-dir", str(tmp_path / "hf"), *COMMON]) == 0
+                 "--min-steps", "0", "--max-seq-length", "64", "--cache-dir", str(tmp_path / "hf"), *COMMON]) == 0
     r = _results(out)
     assert r["model"]["tag"] == "global_step30" and r["model"]["step"] == 30
     task = r["tasks"]["stdlib-topic"]
