@@ -5,7 +5,7 @@ type and default; `add_flags` turns a dataclass's fields into arguments of a par
 `from_flags` builds the dataclass back from the parsed namespace. A field whose type is itself
 a dataclass contributes that dataclass's flags. Booleans are switches: `--name` turns on a field
 that defaults to False; a field that defaults to True needs an explicit `--no-...` name. A field
-without a default is a required flag; a `list[X]` field takes one or more values.
+without a default is a required flag; a `list[...]` field takes one or more values.
 """
 
 from __future__ import annotations
@@ -25,7 +25,8 @@ def flag(default: Any = dataclasses.MISSING, help: str = "", *, name: str | None
          metavar: str | None = None, group: str | None = None,
          default_factory: Any = dataclasses.MISSING) -> Any:
     """A dataclass field that is also the flag `name` (default: `--field-name`); `metavar`
-    names its value in the help (default: the flag's name in capitals)."""
+    names its value in the help (default: the flag's name in capitals). Without `default` (and
+    `default_factory`) the flag is required."""
     return dataclasses.field(
         default=default, default_factory=default_factory,
         metadata={"flag": name, "aliases": aliases, "help": help, "group": group, "metavar": metavar,
@@ -63,13 +64,13 @@ def add_flags(parser: argparse.ArgumentParser, cls: type, prefix: str = "",
         required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
         default = None if required else f.default_factory() if f.default is dataclasses.MISSING else f.default
         shown = "" if default in (None, []) or kind is bool else f" (default: {_shown(default)})"
-        options: dict[str, Any] = {"dest": prefix + f.name, "default": default,
-                                   "help": f.metadata["help"] + shown}
+        options: dict[str, Any] = {"dest": prefix + f.name, "help": f.metadata["help"] + shown}
         if required:
             options["required"] = True
-        if typing.get_origin(kind) is list:  # one or more values of the element type
-            (kind,) = typing.get_args(kind)
-            options["nargs"] = "+"
+        else:
+            options["default"] = default
+        if typing.get_origin(kind) is list:  # one or more values of the item type
+            kind, options["nargs"] = typing.get_args(kind)[0], "+"
         if kind is bool:
             options["action"] = "store_false" if default else "store_true"
         elif typing.get_origin(kind) is Literal:
