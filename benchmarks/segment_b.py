@@ -32,7 +32,7 @@ FILLER = ["the", "returns", "a", "new", "value", "from", "this", "object", "when
 
 
 def _sentence(rng: random.Random, topic: list[str]) -> str:
-    words = rng.sample(FILLER, 5) + rng.sample(topic, 2)
+    words = rng.sample(FILLER, 3) + rng.sample(topic, 3)
     rng.shuffle(words)
     return " ".join(words)
 
@@ -70,11 +70,11 @@ def run_arm(args, mode: str, files: tuple[Path, Path], work: Path) -> dict:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", type=Path, required=True, help="an exported model or checkpoint folder")
-    p.add_argument("--lr", type=float, default=3e-4)
-    p.add_argument("--steps", type=int, default=100)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--steps", type=int, default=300)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--train-rows", type=int, default=600)
-    p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3, 4, 5])
+    p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     common.add_common_args(p)
     args = p.parse_args(argv)
     if args.quick:

@@ -5,8 +5,9 @@ model is still its random initialisation, while every pair task (and SQuAD's con
 segment B. Unless told otherwise (`--segment-b copy|keep`), fine-tuning starts that row from the
 trained segment-A row when the pretraining never trained it. Whether it did is read from the
 model folder: a `segment_b_trained` entry of its config.json or run record (sctd_run.json) when
-present; else an sctd-dist run record means the pretraining fed segment A only; a folder without
-a run record (another trainer's export) is judged by its weights: an untouched row 1 still has the
+it is true or false; else an sctd-dist run record of a run not started from another model's
+weights (`--init-hf`) means the pretraining fed segment A only; anything else (another trainer's
+export, a run continued from one) is judged by its weights: an untouched row 1 still has the
 standard deviation it was initialised with (`initializer_range`) and no mean of its own.
 """
 
@@ -50,7 +51,9 @@ def _recorded(folder: Path) -> tuple[bool | None, str]:
             record = json.loads(path.read_text())
             if isinstance(record.get(RECORD_KEY), bool):
                 return record[RECORD_KEY], f"{RECORD_KEY} in {name}"
-    if (folder / RUN_FILE).is_file():
+    run = folder / RUN_FILE
+    if run.is_file() and RECORD_KEY not in (record := json.loads(run.read_text())) \
+            and not (record.get("train_config") or {}).get("init_hf"):
         return False, f"{RUN_FILE}: sctd-dist pretraining feeds segment A only"
     return None, ""
 

@@ -165,7 +165,7 @@ def write_glue(root: Path, rows: int = 8) -> dict[str, dict[str, list[str]]]:
     return written
 
 
-def long_context_squad(path: Path, version: str, words: int = 700) -> Path:
+def long_context_squad(path: Path, version: str, words: int = 300) -> Path:
     """A SQuAD-format file whose contexts are longer than one 384-token window, with answers
     near the start, in the middle and at the end (v2.0: one unanswerable question too)."""
     filler = " ".join(f"{WORDS[i % len(WORDS)].replace(chr(34), '')} number {i}." for i in range(words // 6))
