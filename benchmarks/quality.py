@@ -84,14 +84,15 @@ def finetune(arm: Arm, model_cfg, tokenizer, seed: int, args, work: Path) -> dic
     """Save the arm's weights as a Hugging Face folder and fine-tune it on `--tasks`; returns
     {task: {metric: value}} on each task's first evaluation split, and under "majority" the
     majority-class accuracy of the classification tasks."""
-    from sctd_dist.finetune.cli import FinetuneConfig, run
-    from sctd_dist.finetune.trainer import TrainSettings
+    from sctd_dist.finetune.cli import run
+    from sctd_dist.finetune.config import FinetuneConfig, TrainSettings
     from sctd_dist.hf import gather_hf_state_dict, save_hf
 
     folder = save_hf(gather_hf_state_dict(arm.model.mlm), model_cfg, work / "model", tokenizer)
     cfg = FinetuneConfig(
         model=folder, out=work / "finetune", tasks=list(args.tasks), learning_rates=[args.ft_lr], seeds=[seed],
-        settings=TrainSettings(epochs=args.ft_epochs, batch_size=args.ft_batch, bf16=args.ft_bf16),
+        # The study's protocol: a fixed number of epochs, no floor on steps.
+        settings=TrainSettings(epochs=args.ft_epochs, min_steps=0, batch_size=args.ft_batch, bf16=args.ft_bf16),
         max_seq_length=args.ft_max_seq_length, max_train_samples=args.ft_max_train_samples,
         max_eval_samples=args.ft_max_eval_samples, device=args.device, workers=1, threads=args.threads,
         cache_dir=args.ft_cache_dir, progress=False)

@@ -63,7 +63,7 @@ def add_flags(parser: argparse.ArgumentParser, cls: type, prefix: str = "",
         names = [f.metadata["flag"] or "--" + f.name.replace("_", "-"), *f.metadata["aliases"]]
         required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
         default = None if required else f.default_factory() if f.default is dataclasses.MISSING else f.default
-        shown = "" if default is None or kind is bool else f" (default: {default})"
+        shown = "" if default in (None, []) or kind is bool else f" (default: {_shown(default)})"
         options: dict[str, Any] = {"dest": prefix + f.name, "help": f.metadata["help"] + shown}
         if required:
             options["required"] = True
@@ -81,6 +81,13 @@ def add_flags(parser: argparse.ArgumentParser, cls: type, prefix: str = "",
             options.update(type=_finite_float if kind is float else kind, metavar=f.metadata["metavar"]
                            or names[0].lstrip("-").replace("-", "_").upper())
         groups[title].add_argument(*names, **options)
+
+
+def _shown(default: Any) -> str:
+    """A default as the user would type it (lists space-separated)."""
+    if isinstance(default, (list, tuple)):
+        return " ".join(f"{v:g}" if isinstance(v, float) else str(v) for v in default)
+    return str(default)
 
 
 def _finite_float(text: str) -> float:

@@ -152,7 +152,8 @@ def settle(cfg: TrainConfig) -> Settled:
         global_batch_size=ds["train_batch_size"], seq_length=cfg.seq_length,
         token_drop=asdict(cfg.token_drop), data_path=str(data_dir.resolve()), num_samples=len(train_set),
         tokenizer_fingerprint=train_set.metadata["tokenizer"]["fingerprint"],
-        train_config=cfg.to_dict(), deepspeed_config=ds)
+        train_config=cfg.to_dict(), deepspeed_config=ds,
+        segment_b_trained=None if cfg.init_hf else False)  # the loader feeds token type 0 only
     check_resume(cfg.load_dir, record)
     return Settled(ds, data_dir, train_set, valid_set, model_cfg, record)
 

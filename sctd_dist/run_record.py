@@ -56,6 +56,9 @@ class RunRecord:
     train_config: dict[str, Any] | None = None  # the resolved flags
     deepspeed_config: dict[str, Any] | None = None  # the resolved DeepSpeed config
     files: dict[str, list[int]] | None = None  # [size, CRC-32] of every other file; set at save
+    # Whether pretraining fed token type 1 (fine-tuning starts it from token type 0 when not);
+    # None: unknown (a run started from another model's weights).
+    segment_b_trained: bool | None = None
     version: int = VERSION
 
     def __post_init__(self) -> None:

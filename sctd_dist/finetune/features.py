@@ -7,10 +7,13 @@ format (`save_to_disk`, memory-mapped on load) rather than in pickled Python obj
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sctd_dist.finetune import qa
 from sctd_dist.finetune.tasks import TaskData
+
+if TYPE_CHECKING:
+    from sctd_dist.finetune.config import FinetuneConfig
 
 MODEL_COLUMNS = ("input_ids", "token_type_ids", "attention_mask")
 
@@ -29,19 +32,20 @@ def _classification(ds, tokenizer, data: TaskData, max_length: int):
     return ds.map(fn, batched=True, remove_columns=ds.column_names)
 
 
-def write_features(data: TaskData, tokenizer, out: Path, max_length: int, doc_stride: int) -> Path:
+def write_features(data: TaskData, tokenizer, out: Path, cfg: FinetuneConfig) -> Path:
     """Tokenise the train and evaluation splits into `out` (`train/`, `eval-<split>/`, and for QA
-    `examples-<split>/`); returns `out`."""
+    `examples-<split>/`) with the lengths of `cfg`; returns `out`."""
     out = Path(out)
     if data.spec.kind == "qa":
-        qa.train_features(data.train, tokenizer, max_length, doc_stride).save_to_disk(out / "train")
+        window = (cfg.qa_max_seq_length, cfg.doc_stride, cfg.max_query_length)
+        qa.train_features(data.train, tokenizer, *window).save_to_disk(out / "train")
         for split, ds in data.evals.items():
-            qa.eval_features(ds, tokenizer, max_length, doc_stride).save_to_disk(out / f"eval-{split}")
+            qa.eval_features(ds, tokenizer, *window).save_to_disk(out / f"eval-{split}")
             ds.select_columns(["id", "context", "answers"]).save_to_disk(out / f"examples-{split}")
     else:
-        _classification(data.train, tokenizer, data, max_length).save_to_disk(out / "train")
+        _classification(data.train, tokenizer, data, cfg.max_seq_length).save_to_disk(out / "train")
         for split, ds in data.evals.items():
-            _classification(ds, tokenizer, data, max_length).save_to_disk(out / f"eval-{split}")
+            _classification(ds, tokenizer, data, cfg.max_seq_length).save_to_disk(out / f"eval-{split}")
     return out
 
 

@@ -38,16 +38,31 @@ def matthews_correlation(predictions: Sequence, references: Sequence) -> float:
     return float(matthews_corrcoef(references, predictions))
 
 
+def is_constant(values: Sequence[float]) -> bool:
+    """One value throughout, up to float rounding (a batch's rows may round differently)."""
+    x = np.asarray(values, float)
+    return x.size == 0 or float(np.ptp(x)) <= 1e-6 * max(1.0, float(np.abs(x).max()))
+
+
+def _correlation(fn, predictions: Sequence[float], references: Sequence[float]) -> float:
+    """A correlation; NaN (undefined) when either side is constant, as for a model that predicts
+    one value for every example."""
+    x, y = np.asarray(predictions, float), np.asarray(references, float)
+    if is_constant(x) or is_constant(y):
+        return float("nan")
+    return float(fn(x, y)[0])
+
+
 def pearson(predictions: Sequence[float], references: Sequence[float]) -> float:
     from scipy.stats import pearsonr
 
-    return float(pearsonr(np.asarray(predictions, float), np.asarray(references, float))[0])
+    return _correlation(pearsonr, predictions, references)
 
 
 def spearmanr(predictions: Sequence[float], references: Sequence[float]) -> float:
     from scipy.stats import spearmanr as scipy_spearmanr
 
-    return float(scipy_spearmanr(np.asarray(predictions, float), np.asarray(references, float))[0])
+    return _correlation(scipy_spearmanr, predictions, references)
 
 
 CLASSIFICATION_METRICS: dict[str, Callable[[Sequence, Sequence], float]] = {
@@ -120,3 +135,54 @@ def squad_metrics(predictions: Mapping[str, str], answers: Mapping[str, Sequence
                 out[f"has_answer_{name}"] = 100.0 * float(v[has_arr].mean())
             out[f"no_answer_{name}"] = 100.0 * float(v[~has_arr].mean())
     return out
+
+
+def squad_best_threshold(spans: Mapping[str, tuple[str, float]],
+                         answers: Mapping[str, Sequence[str]]) -> dict[str, float]:
+    """SQuAD v2's best no-answer threshold on this set (as the official evaluate-v2.0.py finds it):
+    questions sorted by their no-answer margin; answering those up to a margin with their best
+    span and the rest with "" scores the running sum below; the best sum and its margin are
+    reported for exact match and for F1 (percent)."""
+    out: dict[str, float] = {}
+    has = {qid: any(normalize_answer(g) for g in golds) for qid, golds in answers.items()}
+    order = sorted(answers, key=lambda qid: spans[qid][1])
+    for name, score in (("exact_match", squad_exact), ("f1", squad_f1)):
+        current = best = float(sum(1 for qid in answers if not has[qid]))  # all answered ""
+        threshold = 0.0
+        for qid in order:
+            text, margin = spans[qid]
+            if has[qid]:
+                current += max(score(text, g) for g in answers[qid])
+            elif text:
+                current -= 1.0
+            if current > best:
+                best, threshold = current, margin
+        out[f"best_{name}"] = 100.0 * best / max(len(answers), 1)
+        out[f"best_{name}_threshold"] = threshold
+    return out
+
+
+# ----------------------------------------------------------------------------- GLUE score
+
+# The leaderboard's score of a task (Wang et al. 2019): its official metric, or the mean of its two;
+# MNLI's matched and mismatched accuracies are averaged into one task (that reproduces the
+# leaderboard's scores, e.g. BERT-large 80.5 from its published per-task numbers).
+GLUE_TASK_METRICS = {"cola": ("matthews_correlation",), "sst2": ("accuracy",), "mrpc": ("f1", "accuracy"),
+                     "stsb": ("pearson", "spearmanr"), "qqp": ("f1", "accuracy"), "qnli": ("accuracy",),
+                     "rte": ("accuracy",), "wnli": ("accuracy",)}
+MNLI_SPLITS = ("validation_matched", "validation_mismatched")
+
+
+def glue_score(results: Mapping[str, Mapping[str, Mapping[str, float]]]) -> dict[str, float] | None:
+    """{task: score, "glue": average} in percent from {task: {split: {metric: value}}}, or None
+    when a GLUE task is absent or one of its values is undefined (NaN or None)."""
+    per_task: dict[str, float] = {}
+    for task, names in {**GLUE_TASK_METRICS, "mnli": ("accuracy",)}.items():
+        if task not in results:
+            return None
+        splits = MNLI_SPLITS if task == "mnli" else (next(iter(results[task])),)
+        values = [results[task].get(split, {}).get(name) for split in splits for name in names]
+        if any(v is None or not np.isfinite(v) for v in values):
+            return None
+        per_task[task] = 100.0 * float(np.mean(values))
+    return {**per_task, "glue": float(np.mean(list(per_task.values())))}

@@ -87,15 +87,15 @@ def eval_features(examples, tokenizer, max_length: int, doc_stride: int, max_que
     return examples.map(fn, batched=True, remove_columns=examples.column_names)
 
 
-def best_answers(contexts: dict[str, str], example_ids: Sequence[str], offsets: Sequence[Sequence[Sequence[int]]],
-                 start_logits: Sequence[np.ndarray], end_logits: Sequence[np.ndarray], *, n_best: int = 20,
-                 max_answer_length: int = 30, with_negative: bool = False,
-                 null_score_diff_threshold: float = 0.0) -> dict[str, str]:
-    """The answer text of each example from its features' logits (see the module docstring)."""
+def best_spans(contexts: dict[str, str], example_ids: Sequence[str], offsets: Sequence[Sequence[Sequence[int]]],
+               start_logits: Sequence[np.ndarray], end_logits: Sequence[np.ndarray], *, n_best: int = 20,
+               max_answer_length: int = 30) -> dict[str, tuple[str, float]]:
+    """{question id: (text of its best span, no-answer score minus that span's score)}: the span
+    over all its windows (inf when no window has a valid span)."""
     features: dict[str, list[int]] = defaultdict(list)
     for i, qid in enumerate(example_ids):
         features[qid].append(i)
-    answers: dict[str, str] = {}
+    spans: dict[str, tuple[str, float]] = {}
     for qid, context in contexts.items():
         best_score, best_text = -np.inf, ""
         null_score = np.inf
@@ -114,10 +114,26 @@ def best_answers(contexts: dict[str, str], example_ids: Sequence[str], offsets: 
                     score = float(s[a] + e[b])
                     if score > best_score:
                         best_score, best_text = score, context[off[a][0]:off[b][1]]
-        if with_negative and (best_score == -np.inf or null_score - best_score > null_score_diff_threshold):
-            best_text = ""
-        answers[qid] = best_text
-    return answers
+        spans[qid] = (best_text, float(null_score - best_score) if best_score > -np.inf else np.inf)
+    return spans
+
+
+def apply_threshold(spans: dict[str, tuple[str, float]], with_negative: bool,
+                    null_score_diff_threshold: float = 0.0) -> dict[str, str]:
+    """The answer of each question: its best span, or "" (SQuAD v2) when the no-answer score
+    beats the span by more than the threshold."""
+    return {qid: "" if with_negative and diff > null_score_diff_threshold else text
+            for qid, (text, diff) in spans.items()}
+
+
+def best_answers(contexts: dict[str, str], example_ids: Sequence[str], offsets: Sequence[Sequence[Sequence[int]]],
+                 start_logits: Sequence[np.ndarray], end_logits: Sequence[np.ndarray], *, n_best: int = 20,
+                 max_answer_length: int = 30, with_negative: bool = False,
+                 null_score_diff_threshold: float = 0.0) -> dict[str, str]:
+    """The answer text of each example from its features' logits (see the module docstring)."""
+    spans = best_spans(contexts, example_ids, offsets, start_logits, end_logits, n_best=n_best,
+                       max_answer_length=max_answer_length)
+    return apply_threshold(spans, with_negative, null_score_diff_threshold)
 
 
 def gold_answers(examples) -> dict[str, list[str]]:

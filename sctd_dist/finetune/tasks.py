@@ -1,8 +1,9 @@
 """Downstream tasks: what each one is (columns, splits, metrics) and where its rows come from.
 
-Three sources, one result: a `TaskData` holding `datasets.Dataset` splits in a common schema
+Four sources, one result: a `TaskData` holding `datasets.Dataset` splits in a common schema
 (`sentence1` [`sentence2`] `label` for classification and regression; SQuAD's `id`, `context`,
 `question`, `answers` for QA):
+  * GLUE and SQuAD by name from their official files (`--data-dir`, `official_files.py`);
   * GLUE and SQuAD by name, through `datasets` from the Hugging Face hub (or its local cache);
   * the offline suite (`sctd_dist.data.downstream`), generated in memory;
   * local files: csv / tsv / jsonl with run_glue's columns, SQuAD-format json for QA.
@@ -57,6 +58,7 @@ NAMED_TASKS: dict[str, TaskSpec] = {t.name: t for t in (
     _glue("mnli", ("premise", "hypothesis"), eval_splits=("validation_matched", "validation_mismatched")),
     _glue("qnli", ("question", "sentence")),
     _glue("rte", ("sentence1", "sentence2")),
+    _glue("wnli", ("sentence1", "sentence2")),
     TaskSpec("squad", "qa", ("exact_match", "f1"), hub=("rajpurkar/squad", None)),
     TaskSpec("squad_v2", "qa", ("exact_match", "f1"), hub=("rajpurkar/squad_v2", None),
              version_2_with_negative=True),
@@ -64,6 +66,8 @@ NAMED_TASKS: dict[str, TaskSpec] = {t.name: t for t in (
     TaskSpec("stdlib-samedoc", "classification", ("accuracy", "f1"), text_columns=("sentence1", "sentence2")),
 )}
 OFFLINE_TASKS = ("stdlib-topic", "stdlib-samedoc")
+GLUE = ("cola", "sst2", "mrpc", "stsb", "qqp", "mnli", "qnli", "rte", "wnli")
+ALIASES = {"glue": GLUE, "offline": OFFLINE_TASKS}
 
 
 @dataclass
@@ -157,17 +161,30 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def _check_labels(ds, path: Path, flag: str, kind: Kind) -> None:
-    labels = ds["label"]
-    for i, label in enumerate(labels):
+def _check_rows(ds, path: Path, flag: str, kind: Kind, columns: tuple[str, ...]) -> None:
+    """Every row has a label (numeric for regression) and text in each text column."""
+    for i, label in enumerate(ds["label"]):
         if label is None or (isinstance(label, float) and math.isnan(label)):
-            raise ValueError(f"{flag} {path}: row {i + 1} has no label")
+            raise ValueError(f"{flag} {path}: row {i + 1} column label is empty")
         if kind == "regression" and not _is_number(label):
-            raise ValueError(f"{flag} {path}: a regression task needs numeric labels, row {i + 1} has "
-                             f"{label!r}; fix the file or drop --task-type regression")
-    for i, text in enumerate(ds["sentence1"]):
-        if not isinstance(text, str) or not text.strip():
-            raise ValueError(f"{flag} {path}: row {i + 1} has an empty sentence1")
+            raise ValueError(f"{flag} {path}: a regression task needs numeric labels, row {i + 1} column label "
+                             f"has {label!r}; fix the file or drop --task-type regression")
+    for column in columns:
+        for i, text in enumerate(ds[column]):
+            if not isinstance(text, str) or not text.strip():
+                got = "is empty" if text is None or isinstance(text, str) else f"holds {text!r}, not text"
+                raise ValueError(f"{flag} {path}: row {i + 1} column {column} {got}")
+
+
+def _check_eval_labels(ds, path: Path, flag: str, known: list) -> None:
+    """Every validation label is one the training split taught (GLUE's -1 marks an unlabelled
+    test row, which cannot be scored)."""
+    seen = set(known)
+    for i, label in enumerate(ds["label"]):
+        if label not in seen:
+            hint = " (-1 marks an unlabelled test row; a validation file needs gold labels)" if label == -1 else ""
+            raise ValueError(f"{flag} {path}: row {i + 1} column label has {label!r}, a label the training "
+                             f"split does not have ({[str(v) for v in known][:10]}){hint}")
 
 
 def _infer_kind(ds) -> Kind:
@@ -253,7 +270,7 @@ def load_local(train_file: Path, validation_file: Path, kind: Kind | None = None
     _check_columns(evaluation, files["--validation-file"], "--validation-file", len(columns) == 2)
     kind = kind or _infer_kind(train)
     for flag, ds in (("--train-file", train), ("--validation-file", evaluation)):
-        _check_labels(ds, files[flag], flag, kind)
+        _check_rows(ds, files[flag], flag, kind, columns)
     if kind == "regression":
         metrics: tuple[str, ...] = ("pearson", "spearmanr")
     else:
@@ -262,7 +279,10 @@ def load_local(train_file: Path, validation_file: Path, kind: Kind | None = None
         metrics = ("accuracy", "f1", "matthews_correlation") if binary else ("accuracy",)
     spec = TaskSpec(task_name, kind, metrics, text_columns=columns)
     data = TaskData(spec, train, {"validation": evaluation}, source={k: str(v) for k, v in files.items()})
-    return _with_labels(data, "--validation-file")
+    data = _with_labels(data, "--train-file", check_evals=False)
+    if kind == "classification":
+        _check_eval_labels(evaluation, files["--validation-file"], "--validation-file", data.labels or [])
+    return data
 
 
 # ----------------------------------------------------------------------------- named tasks
@@ -315,9 +335,9 @@ def _load_offline(spec: TaskSpec) -> TaskData:
     return _with_labels(data, "--task")
 
 
-def _with_labels(data: TaskData, flag: str) -> TaskData:
+def _with_labels(data: TaskData, flag: str, check_evals: bool = True) -> TaskData:
     """Classification: the sorted label values of the training split; every evaluation label must
-    be one of them."""
+    be one of them (checked here unless the caller names the row itself)."""
     if data.spec.kind != "classification":
         return data
     labels = sorted(set(data.train["label"]), key=lambda v: (str(type(v)), v))
@@ -325,8 +345,8 @@ def _with_labels(data: TaskData, flag: str) -> TaskData:
         raise ValueError(f"the training split of {data.spec.name} has a single label {labels}; "
                          "a classification task needs at least two")
     known = set(labels)
-    for split, ds in data.evals.items():
-        unseen = sorted({str(v) for v in ds["label"] if v not in known and v != -1})
+    for split, ds in data.evals.items() if check_evals else ():
+        unseen = sorted({str(v) for v in ds["label"] if v not in known})
         if unseen:
             raise ValueError(f"{flag}: the {split} split of {data.spec.name} has label(s) {unseen[:5]} that the "
                              f"training split does not have ({[str(v) for v in labels][:10]})")
@@ -334,13 +354,35 @@ def _with_labels(data: TaskData, flag: str) -> TaskData:
     return data
 
 
-def load_task(name: str, cache_dir: str | None = None) -> TaskData:
-    """A task by name: GLUE, SQuAD (hub) or the offline suite."""
+def _load_official(spec: TaskSpec, data_dir: Path) -> TaskData:
+    """A GLUE or SQuAD task from its official files under `data_dir`."""
+    import datasets
+
+    from sctd_dist.finetune.official_files import FLAG, GLUE_LAYOUTS, glue_task, squad_files
+
+    if spec.kind == "qa":
+        train_path, dev_path = squad_files(spec.name, data_dir)
+        splits = {s: datasets.Dataset.from_list(read_squad_json(p, FLAG))
+                  for s, p in (("train", train_path), ("validation", dev_path))}
+        return TaskData(spec, splits["train"], {"validation": splits["validation"]},
+                        source={"files": [str(train_path), str(dev_path)]})
+    train, evals, source = glue_task(spec.name, data_dir)
+    labels = GLUE_LAYOUTS[spec.name].labels
+    return TaskData(spec, train, evals, labels=list(labels) if labels else None, source=source)
+
+
+def load_task(name: str, cache_dir: str | None = None, data_dir: Path | None = None) -> TaskData:
+    """A task by name: GLUE, SQuAD (official files under `data_dir`, else the hub) or the offline suite."""
     if name not in NAMED_TASKS:
         raise ValueError(f"unknown --task {name!r}; choose one of {sorted(NAMED_TASKS)} "
                          "or pass --train-file/--validation-file")
     spec = NAMED_TASKS[name]
-    data = _load_offline(spec) if name in OFFLINE_TASKS else load_hub(spec, cache_dir)
+    if name in OFFLINE_TASKS:
+        data = _load_offline(spec)
+    elif data_dir is not None:
+        data = _load_official(spec, Path(data_dir))
+    else:
+        data = load_hub(spec, cache_dir)
     for split, ds in [("train", data.train), *data.evals.items()]:
         if len(ds) == 0:
             raise ValueError(f"--task {name}: the {split} split has no rows")

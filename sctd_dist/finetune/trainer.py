@@ -16,25 +16,9 @@ import numpy as np
 import torch
 
 from sctd_dist.finetune import metrics, qa
+from sctd_dist.finetune.config import TrainSettings
 from sctd_dist.finetune.features import MODEL_COLUMNS, read_split
 from sctd_dist.finetune.weights import ModelSource, load_task_model
-
-
-@dataclass
-class TrainSettings:
-    """Hyper-parameters shared by every job of a run (the grid varies lr and seed)."""
-
-    epochs: float = 3.0
-    max_steps: int | None = None  # overrides epochs
-    batch_size: int = 32
-    eval_batch_size: int = 64
-    weight_decay: float = 0.01
-    warmup_ratio: float = 0.1
-    max_grad_norm: float = 1.0
-    n_best: int = 20
-    max_answer_length: int = 30
-    null_score_diff_threshold: float = 0.0
-    bf16: bool = False
 
 
 @dataclass
@@ -52,15 +36,19 @@ class Job:
     lr: float
     seed: int
     settings: TrainSettings = field(default_factory=TrainSettings)
+    tokenizer: Path | None = None  # None: the model folder's
+    copy_segment_b: bool = False  # initialise token type 1 from token type 0 (segments.py)
 
     def describe(self) -> str:
         return f"{self.task} lr={self.lr:g} seed={self.seed}"
 
 
-def _collator(model_folder: Path):
-    from transformers import AutoTokenizer, DataCollatorWithPadding
+def _collator(tokenizer_folder: Path):
+    from transformers import DataCollatorWithPadding
 
-    return DataCollatorWithPadding(AutoTokenizer.from_pretrained(str(model_folder)))
+    from sctd_dist.data.tokenizer import load_pretrained_tokenizer
+
+    return DataCollatorWithPadding(load_pretrained_tokenizer(tokenizer_folder, local_only=True))
 
 
 def _optimizer(model: torch.nn.Module, lr: float, weight_decay: float) -> torch.optim.Optimizer:
@@ -97,11 +85,13 @@ def _evaluate_classification(job: Job, model, split: str, collate, device) -> di
     logits = torch.cat(_forward_logits(model, loader, device, job.settings.bf16))
     references = ds["labels"]
     if job.kind == "regression":
-        predictions = logits.squeeze(-1).tolist()
-        return {"metrics": metrics.compute(job.metrics, predictions, references)}
+        values = logits.squeeze(-1).tolist()
+        return {"metrics": metrics.compute(job.metrics, values, references),
+                "single_prediction": metrics.is_constant(values)}
     predictions = logits.argmax(-1).tolist()
+    counts = dict(sorted(Counter(predictions).items()))
     return {"metrics": metrics.compute(job.metrics, predictions, references),
-            "predicted_class_counts": dict(sorted(Counter(predictions).items()))}
+            "predicted_class_counts": counts, "single_prediction": len(counts) == 1}
 
 
 def _evaluate_qa(job: Job, model, split: str, collate, device) -> dict[str, Any]:
@@ -114,11 +104,13 @@ def _evaluate_qa(job: Job, model, split: str, collate, device) -> dict[str, Any]
         starts += list(s.numpy())
         ends += list(e.numpy())
     s = job.settings
-    answers = qa.best_answers(qa.contexts_of(examples), feats["example_id"], feats["offset_mapping"], starts, ends,
-                              n_best=s.n_best, max_answer_length=s.max_answer_length,
-                              with_negative=job.version_2_with_negative,
-                              null_score_diff_threshold=s.null_score_diff_threshold)
-    result: dict[str, Any] = {"metrics": metrics.squad_metrics(answers, qa.gold_answers(examples))}
+    spans = qa.best_spans(qa.contexts_of(examples), feats["example_id"], feats["offset_mapping"], starts, ends,
+                          n_best=s.n_best, max_answer_length=s.max_answer_length)
+    answers = qa.apply_threshold(spans, job.version_2_with_negative, s.null_score_diff_threshold)
+    golds = qa.gold_answers(examples)
+    result: dict[str, Any] = {"metrics": metrics.squad_metrics(answers, golds)}
+    if job.version_2_with_negative:  # at --null-score-diff-threshold, and at the best one for this set
+        result["metrics"].update(metrics.squad_best_threshold(spans, golds))
     result["answered"] = sum(1 for a in answers.values() if a)
     return result
 
@@ -130,15 +122,15 @@ def run_job(job: Job, device: torch.device | str = "cpu", progress: bool = False
 
     device = torch.device(device)
     set_seed(job.seed)  # python, numpy and torch: head initialisation, dropout, data order
-    model, _ = load_task_model(job.model, job.kind, job.num_labels)
+    model, _ = load_task_model(job.model, job.kind, job.num_labels, copy_segment_b=job.copy_segment_b)
     model.to(device).train()
-    collate = _collator(job.model.folder)
+    collate = _collator(job.tokenizer or job.model.folder)
     train = read_split(job.features_dir, "train")
     generator = torch.Generator().manual_seed(job.seed)
     loader = torch.utils.data.DataLoader(train, batch_size=job.settings.batch_size, shuffle=True,
                                          generator=generator, collate_fn=collate, drop_last=False)
     s = job.settings
-    total = s.max_steps or max(1, int(np.ceil(s.epochs * len(loader))))
+    total = s.steps(len(loader))
     opt = _optimizer(model, job.lr, s.weight_decay)
     sched = get_linear_schedule_with_warmup(opt, int(s.warmup_ratio * total), total)
     step, losses = 0, []

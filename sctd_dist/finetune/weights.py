@@ -52,22 +52,32 @@ def _checkpoint_location(path: Path, tag: str | None) -> tuple[Path, str | None]
     return None
 
 
-@contextlib.contextmanager
-def resolve_model(path: Path, tag: str | None = None, work_dir: Path | None = None) -> Iterator[ModelSource]:
-    """The Hugging Face folder of `--model`, exported into a temporary folder (under `work_dir`)
-    for the duration of the block when `path` is a checkpoint."""
+def check_model(path: Path, tag: str | None = None) -> None:
+    """Raise ValueError when `--model` (with `--tag`) is neither a Hugging Face folder nor a
+    checkpoint folder: cheap, so that it runs before any data is read."""
     path = Path(path)
     if not path.is_dir():
         raise ValueError(f"--model {path} does not exist")
     if _is_hf_folder(path):
         if tag is not None:
             raise ValueError(f"--tag is for checkpoint folders; --model {path} is a Hugging Face folder")
+        return
+    if _checkpoint_location(path, tag) is None:
+        raise ValueError(f"--model {path} is neither a Hugging Face folder (config.json) nor an sctd-dist "
+                         "checkpoint folder (a --save folder with 'latest', or a global_stepN folder)")
+
+
+@contextlib.contextmanager
+def resolve_model(path: Path, tag: str | None = None, work_dir: Path | None = None) -> Iterator[ModelSource]:
+    """The Hugging Face folder of `--model`, exported into a temporary folder (under `work_dir`)
+    for the duration of the block when `path` is a checkpoint."""
+    path = Path(path)
+    check_model(path, tag)
+    if _is_hf_folder(path):
         yield ModelSource(path, path)
         return
     location = _checkpoint_location(path, tag)
-    if location is None:
-        raise ValueError(f"--model {path} is neither a Hugging Face folder (config.json) nor an sctd-dist "
-                         "checkpoint folder (a --save folder with 'latest', or a global_stepN folder)")
+    assert location is not None  # check_model
     from sctd_dist import checkpoint
     from sctd_dist.export import export
 
@@ -119,16 +129,30 @@ def _as_model_key(key: str, model_keys: set[str]) -> str:
     return next((c for c in candidates if c in model_keys), key)
 
 
+def _buffer_names(model: torch.nn.Module) -> set[str]:
+    """Every buffer, persistent or not: older exports store `position_ids` / `token_type_ids`,
+    which transformers now rebuilds instead of loading."""
+    return {name for name, _ in model.named_buffers()}
+
+
+def _not_for_this_head(key: str, model: torch.nn.Module) -> bool:
+    """Checkpoint tensors a task model has no place for by design: the pretraining heads (`cls.*`),
+    non-persistent buffers, and the pooler under a head that does not pool (question answering)."""
+    if key.startswith("cls.") or key in _buffer_names(model):
+        return True
+    return key.startswith("bert.pooler.") and getattr(model.bert, "pooler", None) is None
+
+
 def verify_loaded(model: torch.nn.Module, stored: Mapping[str, torch.Tensor], given: Path) -> list[str]:
     """Raise ValueError naming every encoder weight that did not load from `stored`; returns the
     names the model initialised afresh (task head, and the pooler when the checkpoint has none)."""
     state = model.state_dict()
     model_keys = set(state)
-    ckpt = {_as_model_key(k, model_keys): v for k, v in stored.items()}
+    ckpt = {_as_model_key(k, model_keys | _buffer_names(model)): v for k, v in stored.items()}
     has_pooler = any(k.startswith("bert.pooler.") for k in ckpt)
     encoder = [k for k in state if k.startswith("bert.") and (has_pooler or not k.startswith("bert.pooler."))]
     missing = [k for k in encoder if k not in ckpt]
-    unused = [k for k in ckpt if k not in model_keys and not k.startswith("cls.")]
+    unused = [k for k in ckpt if k not in model_keys and not _not_for_this_head(k, model)]
     differ = [k for k in encoder if k in ckpt and (tuple(ckpt[k].shape) != tuple(state[k].shape)
                                                    or not torch.equal(ckpt[k].to(state[k].dtype), state[k]))]
     problems = []
@@ -144,9 +168,11 @@ def verify_loaded(model: torch.nn.Module, stored: Mapping[str, torch.Tensor], gi
     return sorted(k for k in state if k not in ckpt)
 
 
-def load_task_model(source: ModelSource, kind: str, num_labels: int) -> tuple[torch.nn.Module, list[str]]:
+def load_task_model(source: ModelSource, kind: str, num_labels: int,
+                    copy_segment_b: bool = False) -> tuple[torch.nn.Module, list[str]]:
     """The transformers task model on the pretrained weights (fp32), verified; returns it and
-    the names of the freshly initialised weights."""
+    the names of the freshly initialised weights. `copy_segment_b` then starts token type 1 from
+    token type 0 (see segments.py)."""
     from transformers import BertForQuestionAnswering, BertForSequenceClassification
     from transformers.utils import logging as hf_logging
 
@@ -159,6 +185,10 @@ def load_task_model(source: ModelSource, kind: str, num_labels: int) -> tuple[to
         model = BertForSequenceClassification.from_pretrained(source.folder, num_labels=num_labels,
                                                               problem_type=problem, dtype=torch.float32)
     fresh = verify_loaded(model, checkpoint_state_dict(source.folder), source.given)
+    if copy_segment_b:
+        from sctd_dist.finetune.segments import copy_segment_a
+
+        copy_segment_a(model)
     return model, fresh
 
 

@@ -104,3 +104,84 @@ def write_squad(path: Path, articles=SQUAD_ARTICLES) -> Path:
         data.append({"title": f"article {i}", "paragraphs": [{"context": context, "qas": qas}]})
     path.write_text(json.dumps({"version": "v2.0", "data": data}))
     return path
+
+
+# ----------------------------------------------------------------------------- official files
+
+# Each GLUE task's official header (None: CoLA has none), where its texts and label go, and its
+# label values as the files write them.
+GLUE_FORMATS = {
+    "CoLA": (None, ["source", "label", "judgement", "sentence"], ["0", "1"]),
+    "SST-2": (["sentence", "label"], None, ["0", "1"]),
+    "MRPC": (["Quality", "#1 ID", "#2 ID", "#1 String", "#2 String"], None, ["0", "1"]),
+    "QQP": (["id", "qid1", "qid2", "question1", "question2", "is_duplicate"], None, ["0", "1"]),
+    "STS-B": (["index", "genre", "filename", "year", "old_index", "source1", "source2", "sentence1", "sentence2",
+               "score"], None, ["0.000", "2.500", "3.800", "5.000"]),
+    "MNLI": (["index", "promptID", "pairID", "genre", "sentence1_binary_parse", "sentence2_binary_parse",
+              "sentence1_parse", "sentence2_parse", "sentence1", "sentence2", "label1", "gold_label"], None,
+             ["contradiction", "entailment", "neutral"]),
+    "QNLI": (["index", "question", "sentence", "label"], None, ["entailment", "not_entailment"]),
+    "RTE": (["index", "sentence1", "sentence2", "label"], None, ["entailment", "not_entailment"]),
+    "WNLI": (["index", "sentence1", "sentence2", "label"], None, ["0", "1"]),
+}
+TEXT_COLUMNS = {"sentence", "#1 String", "#2 String", "question1", "question2", "sentence1", "sentence2",
+                "question"}
+# Unbalanced quotes, as the real files have: read with quoting they would swallow the next lines.
+WORDS = ['the cat "sat', "a dog ran' home", "birds sing at dawn", 'he said "no', "rain fell all day",
+         "the river runs north", "she reads a book", "trains leave at noon"]
+
+
+def _glue_line(header: list[str], row: int, label: str) -> str:
+    fields = []
+    for k, name in enumerate(header):
+        if name in TEXT_COLUMNS:
+            fields.append(f"{WORDS[(row + k) % len(WORDS)]} {row}")
+        elif name in ("label", "Quality", "is_duplicate", "score", "gold_label", "label1"):
+            fields.append(label)
+        elif name == "judgement":
+            fields.append("" if label == "1" else "*")
+        else:
+            fields.append(str(row))
+    return "\t".join(fields)
+
+
+def write_glue(root: Path, rows: int = 8) -> dict[str, dict[str, list[str]]]:
+    """Every GLUE task in its official layout under `root` (train.tsv and dev.tsv; MNLI's
+    dev_matched.tsv and dev_mismatched.tsv); returns {folder: {file: labels written}}."""
+    written: dict[str, dict[str, list[str]]] = {}
+    for folder, (header, columns, labels) in GLUE_FORMATS.items():
+        names = ["train.tsv", "dev_matched.tsv", "dev_mismatched.tsv"] if folder == "MNLI" else ["train.tsv", "dev.tsv"]
+        (root / folder).mkdir(parents=True, exist_ok=True)
+        written[folder] = {}
+        for f, name in enumerate(names):
+            head = header or columns
+            if folder == "MNLI" and name != "train.tsv":  # dev files carry five annotator labels
+                head = head[:-2] + ["label1", "label2", "label3", "label4", "label5", "gold_label"]
+            chosen = [labels[(i + f) % len(labels)] for i in range(rows)]
+            lines = [_glue_line(head, i, label) for i, label in enumerate(chosen)]
+            text = "\n".join(([] if header is None else ["\t".join(head)]) + lines) + "\n"
+            (root / folder / name).write_text(text)
+            written[folder][name] = chosen
+    return written
+
+
+def long_context_squad(path: Path, version: str, words: int = 300) -> Path:
+    """A SQuAD-format file whose contexts are longer than one 384-token window, with answers
+    near the start, in the middle and at the end (v2.0: one unanswerable question too)."""
+    filler = " ".join(f"{WORDS[i % len(WORDS)].replace(chr(34), '')} number {i}." for i in range(words // 6))
+    context = f"Alice wrote the report in 2019. {filler} The river Seine reaches the sea at Le Havre. {filler} " \
+              "Bob reviewed it a year later."
+    questions = [("Who wrote the report?", "Alice"), ("Where does the Seine reach the sea?", "Le Havre"),
+                 ("Who reviewed the report?", "Bob")]
+    if version == "v2.0":
+        questions.append(("Who painted the picture?", None))
+    qas = []
+    for n, (question, answer) in enumerate(questions):
+        if answer is None:
+            qas.append({"id": f"{version}-q{n}", "question": question, "answers": [], "is_impossible": True})
+        else:
+            qas.append({"id": f"{version}-q{n}", "question": question,
+                        "answers": [{"text": answer, "answer_start": context.index(answer)}]})
+    path.write_text(json.dumps({"version": version, "data": [{"title": "long", "paragraphs": [
+        {"context": context, "qas": qas}]}]}))
+    return path

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from sctd_dist.finetune.cli import main
-from tests.finetune.conftest import write_jsonl
+from tests.finetune.conftest import write_jsonl, write_squad
 
 
 def _fail(capsys, model: Path, out: Path, *args: str) -> str:
@@ -68,7 +68,7 @@ def test_validation_label_unknown_to_training(capsys, exported_model, tmp_path):
     valid = write_jsonl(tmp_path / "valid.jsonl", [{"sentence1": "a bird", "label": 7}])
     err = _fail(capsys, exported_model, tmp_path / "out", "--train-file", str(train),
                 "--validation-file", str(valid), "--cache-dir", str(tmp_path / "hf"))
-    assert "['7']" in err and "training split" in err
+    assert f"--validation-file {valid}: row 1 column label has 7, a label the training split" in err
 
 
 def test_squad_answer_not_in_context(capsys, exported_model, tmp_path):
@@ -91,3 +91,38 @@ def test_model_folder_that_is_neither_export_nor_checkpoint(capsys, tmp_path):
     (tmp_path / "model").mkdir()
     err = _fail(capsys, tmp_path / "model", tmp_path / "out", "--task", "stdlib-topic")
     assert "neither a Hugging Face folder" in err
+
+
+@pytest.mark.parametrize("bad, expected", [
+    ({"sentence1": "a cat", "sentence2": None, "label": 0}, "row 2 column sentence2 is empty"),
+    ({"sentence1": "a cat", "sentence2": 5, "label": 0}, "row 2 column sentence2 holds 5, not text"),
+])
+def test_a_hole_in_a_text_column_names_file_row_and_column(capsys, exported_model, tmp_path, bad, expected):
+    pairs = [{"sentence1": "a dog", "sentence2": "a bird", "label": 1}, bad]
+    train = write_jsonl(tmp_path / "train.jsonl", [pairs[0], {**pairs[0], "label": 0}])
+    valid = write_jsonl(tmp_path / "valid.jsonl", pairs)
+    err = _fail(capsys, exported_model, tmp_path / "out", "--train-file", str(train),
+                "--validation-file", str(valid), "--cache-dir", str(tmp_path / "hf"))
+    assert err == f"error: --validation-file {valid}: {expected}"
+
+
+def test_an_unlabelled_validation_row_names_file_row_and_column(capsys, exported_model, tmp_path):
+    train = write_jsonl(tmp_path / "train.jsonl", GOOD)
+    valid = write_jsonl(tmp_path / "valid.jsonl", [GOOD[0], {"sentence1": "a bird", "label": -1}])
+    err = _fail(capsys, exported_model, tmp_path / "out", "--train-file", str(train),
+                "--validation-file", str(valid), "--cache-dir", str(tmp_path / "hf"))
+    assert f"--validation-file {valid}: row 2 column label has -1" in err and "unlabelled test row" in err
+
+
+@pytest.mark.parametrize("flags, expected", [
+    (["--qa-max-seq-length", "128", "--doc-stride", "128"],
+     "--doc-stride 128 must be below the context room of a window, 61"),
+    (["--qa-max-seq-length", "64", "--max-query-length", "64"], "--qa-max-seq-length 64 leaves no room"),
+    (["--qa-max-seq-length", "1024"], "--qa-max-seq-length 1024 exceeds the model's max_position_embeddings 512"),
+])
+def test_squad_windows_the_tokenizer_would_refuse_are_refused_up_front(capsys, exported_model, tmp_path, flags,
+                                                                       expected):
+    squad = write_squad(tmp_path / "train.json")
+    err = _fail(capsys, exported_model, tmp_path / "out", "--train-file", str(squad), "--validation-file",
+                str(squad), *flags)
+    assert expected in err

@@ -9,7 +9,7 @@ from scipy import stats
 from sklearn import metrics as skm
 
 from sctd_dist.finetune import metrics
-from sctd_dist.finetune.qa import best_answers
+from sctd_dist.finetune.qa import apply_threshold, best_answers
 from sctd_dist.finetune.summary import spread, summarize_task
 
 PRED = [1, 0, 1, 1, 0, 1, 0, 0, 1, 1]
@@ -105,3 +105,58 @@ def test_protocol_picks_the_learning_rate_by_median_over_seeds():
     assert got["best_lr"] == 3e-4
     assert got["results"]["validation"]["accuracy"] == spread([0.6, 0.62, 0.58])
     assert got["by_lr"]["0.0001"]["validation"]["accuracy"]["median"] == 0.55
+
+
+def test_glue_score_is_the_leaderboard_average():
+    # BERT-large's published test-set numbers; the leaderboard shows its score as 80.5.
+    r = {"cola": {"v": {"matthews_correlation": 0.605}}, "sst2": {"v": {"accuracy": 0.949}},
+         "mrpc": {"v": {"f1": 0.893, "accuracy": 0.854}}, "stsb": {"v": {"pearson": 0.876, "spearmanr": 0.865}},
+         "qqp": {"v": {"f1": 0.721, "accuracy": 0.893}},
+         "mnli": {"validation_matched": {"accuracy": 0.867}, "validation_mismatched": {"accuracy": 0.859}},
+         "qnli": {"v": {"accuracy": 0.927}}, "rte": {"v": {"accuracy": 0.701}}, "wnli": {"v": {"accuracy": 0.651}}}
+    got = metrics.glue_score(r)
+    # By hand: MRPC (89.3+85.4)/2, STS-B (87.6+86.5)/2, QQP (72.1+89.3)/2, MNLI (86.7+85.9)/2, nine tasks.
+    by_hand = (60.5 + 94.9 + 87.35 + 87.05 + 80.7 + 86.3 + 92.7 + 70.1 + 65.1) / 9
+    assert got["glue"] == pytest.approx(by_hand) and round(got["glue"], 1) == 80.5
+    assert got["mnli"] == pytest.approx(86.3) and got["mrpc"] == pytest.approx(87.35)
+    assert metrics.glue_score({k: v for k, v in r.items() if k != "wnli"}) is None  # not all there
+    assert metrics.glue_score({**r, "cola": {"v": {"matthews_correlation": None}}}) is None
+
+
+def test_squad_v1_scores_equal_the_official_definitions_by_hand():
+    golds = {"a": ["Denver Broncos", "The Denver Broncos"], "b": ["Santa Clara, California"],
+             "c": ["gold"], "d": ["an era of 50 years"]}
+    preds = {"a": "the Denver Broncos!", "b": "Santa Clara", "c": "golden", "d": "era of fifty years"}
+    got = metrics.squad_metrics(preds, golds)
+    # a: exact after normalisation; b: "santa clara" vs "santa clara california": P 1, R 2/3 -> 0.8;
+    # c: no common token; d: "era of fifty years" vs "era of 50 years": 3 common, P = R = 3/4.
+    assert got == {"exact_match": pytest.approx(25.0), "f1": pytest.approx(100 * (1 + 0.8 + 0 + 0.75) / 4)}
+
+
+def test_squad_v2_best_threshold_by_hand():
+    golds = {"q1": ["Paris"], "q2": [], "q3": ["the Seine river"], "q4": []}
+    # (best span, no-answer score minus the span's score)
+    spans = {"q1": ("Paris", -2.0), "q3": ("Seine", 1.0), "q2": ("London", 3.0), "q4": ("x", 5.0)}
+    answers = apply_threshold(spans, with_negative=True, null_score_diff_threshold=0.0)
+    assert answers == {"q1": "Paris", "q3": "", "q2": "", "q4": ""}
+    at_zero = metrics.squad_metrics(answers, golds)
+    assert at_zero["exact_match"] == 75.0 and at_zero["f1"] == 75.0  # q3 unanswered
+    best = metrics.squad_best_threshold(spans, golds)
+    # Start with everything unanswered: 2 of 4 right. By margin: q1 +1 (3), q3 +0 EM / +2/3 F1, q2 -1, q4 -1.
+    assert best["best_exact_match"] == 75.0 and best["best_exact_match_threshold"] == -2.0
+    assert best["best_f1"] == pytest.approx(100 * (3 + 2 / 3) / 4) and best["best_f1_threshold"] == 1.0
+
+
+def test_an_undefined_metric_loses_the_selection_and_is_null():
+    def run(lr, seed, value):
+        return {"lr": lr, "seed": seed, "eval": {"validation": {"metrics": {"pearson": value}}}}
+
+    nan = float("nan")
+    runs = [run(1e-4, 1, nan), run(1e-4, 2, nan), run(3e-4, 1, -0.2), run(3e-4, 2, nan), run(3e-4, 3, 0.1)]
+    got = summarize_task(runs, ["pearson"])
+    assert got["best_lr"] == 3e-4  # a defined median beats an undefined one, even a negative median
+    assert got["results"]["validation"]["pearson"]["median"] == -0.2  # undefined ranks lowest
+    assert got["results"]["validation"]["pearson"]["undefined"] == 1
+    undefined = got["by_lr"]["0.0001"]["validation"]["pearson"]
+    assert undefined["median"] is None and undefined["mean"] is None and undefined["undefined"] == 2
+    assert np.isnan(metrics.pearson([1.0, 1.0, 1.0], [0.1, 0.5, 0.9]))  # a constant prediction
