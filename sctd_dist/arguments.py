@@ -13,7 +13,9 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from sctd_dist.checkpoint import ON_BAD, check_writable
+from sctd_dist.data.mixture import DataSource, parse_data_path
 from sctd_dist.flags import add_flags, flag, from_flags
+from sctd_dist.lr_schedule import LRScheduleConfig
 from sctd_dist.model.config import PRESETS, TokenDropConfig
 from sctd_dist.typed import check_types
 
@@ -34,11 +36,15 @@ class TrainConfig:
     model_config: Path | None = flag(None, "JSON of transformers.BertConfig fields overriding the preset",
                                      group=_DATA)
     init_hf: Path | None = flag(None, "start from a Hugging Face BertForMaskedLM folder", group=_DATA)
-    data_path: Path | None = flag(None, "prepared shards (default: the embedded sample corpus)", group=_DATA)
+    data_path: list[str] | None = flag(None, "prepared shards: one folder, or a weighted blend "
+                                       "`W1 DIR1 W2 DIR2 ...` (weights normalised; default: the embedded "
+                                       "sample corpus)", metavar="[W] DIR", group=_DATA)
     data_cache: Path = flag(Path("data_cache"), "where the sample corpus is built when --data-path is "
                             "not given", group=_DATA)
     seq_length: int = flag(128, "tokens per sequence (the prepared data's length)", group=_DATA)
     whole_word_masking: bool = flag(False, "mask all pieces of a word together", group=_DATA)
+    mlm_probability: float = flag(0.15, "fraction of each row's tokens predicted (of those: 80%% [MASK], "
+                                  "10%% random, 10%% unchanged)", group=_DATA)
     tensor_model_parallel_size: int = flag(1, "tensor-parallel size", group=_PARALLEL)
     sequence_parallel: bool = flag(False, "shard activations along the sequence between layers",
                                    group=_PARALLEL)
@@ -49,6 +55,7 @@ class TrainConfig:
     lr_decay_iters: int | None = flag(None, "length of the LR schedule (default: --train-iters); a "
                                       "multi-phase run gives every phase its final step, so the phases "
                                       "continue one schedule", group=_SCHEDULE)
+    schedule: LRScheduleConfig = flag(default_factory=LRScheduleConfig, group=_SCHEDULE)
     micro_batch_size: int | None = flag(None, "overrides train_micro_batch_size_per_gpu", group=_SCHEDULE)
     global_batch_size: int | None = flag(None, "overrides train_batch_size", group=_SCHEDULE)
     lr: float | None = flag(None, "overrides the optimizer's lr in the DeepSpeed JSON", group=_SCHEDULE)
@@ -77,12 +84,15 @@ class TrainConfig:
         check_types(self)
         if self.model_config is not None and not Path(self.model_config).is_file():
             raise ValueError(f"--model-config {self.model_config} does not exist")
-        if self.data_path is not None and not Path(self.data_path).is_dir():
-            raise ValueError(
-                f"--data-path {self.data_path} is not a directory; prepare one with "
-                "`python -m sctd_dist.data.prepare ... --out DIR`, or omit the flag to use the "
-                "embedded sample corpus"
-            )
+        for source in self.data_sources or ():
+            if not Path(source.path).is_dir():
+                raise ValueError(
+                    f"--data-path {source.path} is not a directory; prepare one with "
+                    "`python -m sctd_dist.data.prepare ... --out DIR`, or omit the flag to use the "
+                    "embedded sample corpus"
+                )
+        if not 0.0 < self.mlm_probability < 1.0:
+            raise ValueError(f"--mlm-probability must be in (0, 1), got {self.mlm_probability}")
         if self.init_hf is not None and not Path(self.init_hf).is_dir():
             raise ValueError(f"--init-hf {self.init_hf} is not a Hugging Face model folder")
         for name in ("seq_length", "train_iters", "eval_interval"):
@@ -104,6 +114,14 @@ class TrainConfig:
             raise ValueError(f"--keep-last must be >= 1, got {self.keep_last}")
         if self.sequence_parallel and self.tensor_model_parallel_size == 1:
             raise ValueError("--sequence-parallel needs --tensor-model-parallel-size > 1")
+
+    @property
+    def data_sources(self) -> tuple[DataSource, ...] | None:
+        """--data-path as (weight, folder) sources; None: the embedded sample corpus."""
+        if self.data_path is None:
+            return None
+        paths = [self.data_path] if isinstance(self.data_path, (str, Path)) else self.data_path
+        return parse_data_path(paths)
 
     @property
     def load_dir(self) -> Path | None:

@@ -295,8 +295,11 @@ def check_compatible(saved: dict[str, Any], current: dict[str, Any]) -> list[dic
 
 def data_switch(saved: dict[str, Any], current: dict[str, Any]) -> dict[str, list[Any]]:
     """What changed in the training data since the checkpoint: {flag: [checkpoint, now]} for
-    --data-path (compared as resolved folders) and --seq-length; empty for the same data."""
+    --data-path (compared as resolved folders, or as a mixture of weighted resolved folders) and
+    --seq-length; empty for the same data."""
     def folder(record: dict[str, Any]) -> str | None:
+        if record.get("data_mixture"):  # [[weight, resolved folder], ...]
+            return " ".join(f"{w:g} {p}" for w, p in record["data_mixture"])
         path = record.get("data_path")
         return None if path is None else str(Path(path).resolve())
 
@@ -550,6 +553,8 @@ class Checkpointer:
         for name, obj in self.states.items():
             own = source / f"{name}_rank{rank()}.pt"
             if name == DATA_POSITION and fresh_data:
+                # A mixture keeps the positions of the folders it shares with the old data.
+                getattr(obj, "carry_source_positions", lambda _: None)(replicated[name])
                 continue
             if not _per_rank(obj):
                 obj.load_state_dict(replicated[name])

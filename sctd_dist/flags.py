@@ -67,6 +67,10 @@ def add_flags(parser: argparse.ArgumentParser, cls: type, prefix: str = "",
             options["action"] = "store_false" if default else "store_true"
         elif typing.get_origin(kind) is Literal:
             options.update(type=type(default), choices=list(typing.get_args(kind)))
+        elif typing.get_origin(kind) is list:  # one or more values: `--data-path 0.7 A 0.3 B`
+            (inner,) = typing.get_args(kind)
+            options.update(nargs="+", type=inner, metavar=f.metadata["metavar"]
+                           or names[0].lstrip("-").replace("-", "_").upper())
         elif f.metadata["choices"]:
             options.update(type=kind, choices=f.metadata["choices"])
         else:  # named after the flag, not after the (dotted) destination

@@ -26,9 +26,11 @@ from sctd_dist.coordination import say
 from sctd_dist.data.dataset import PackedDataset
 from sctd_dist.data.loader import PretrainingDataLoader, ValidationDataLoader
 from sctd_dist.data.masking import MaskingConfig
-from sctd_dist.ds_config import (apply_schedule, check_device_support, load_ds_config, precision,
+from sctd_dist.data.mixture import DataSource, check_sources
+from sctd_dist.ds_config import (apply_lr_schedule, check_device_support, load_ds_config, precision,
                                  resolve_batch_sizes, validate_with_deepspeed, zero_stage)
 from sctd_dist.flops import step_flops
+from sctd_dist.lr_schedule import WSD, WSDScheduler
 from sctd_dist.metrics import MetricsLogger
 from sctd_dist.model.config import BertModelConfig
 from sctd_dist.model.pretraining import PretrainingModel, check_layout
@@ -48,7 +50,8 @@ class Run:
     valid_loader: ValidationDataLoader | None  # None: the validation split is empty (--eval-iters 0)
     checkpointer: Checkpointer
     logger: MetricsLogger
-    step_flops: Callable[[int], float]  # model FLOPs of optimizer step `step`, all ranks together
+    # model FLOPs of optimizer step `step` with `masked_tokens` predicted positions, all ranks together
+    step_flops: Callable[[int, float], float]
     start_step: int  # optimizer steps done before this process started
 
 
@@ -59,16 +62,19 @@ def build_run(cfg: TrainConfig) -> Run:
 
     ds_file = load_ds_config(cfg.deepspeed_config)
     data_dir, train_set, valid_set = open_data(cfg)
+    train_sets = open_blend(cfg, train_set)
     model_cfg = model_config(cfg, train_set.vocab_size, data_dir)
     check_layout(model_cfg, cfg.token_drop, cfg.seq_length, cfg.tensor_model_parallel_size,
                  cfg.sequence_parallel)
     check_checkpoint_fits(cfg, model_cfg, ds_file)
     ctx = initialize(cfg.tensor_model_parallel_size, sequence_parallel=cfg.sequence_parallel, seed=cfg.seed)
-    ds = prepare_ds_config(cfg, ds_file, ctx.dp_size, ctx.device.type)
-    masking = MaskingConfig(whole_word_masking=cfg.whole_word_masking)
+    ds, wsd = prepare_ds_config(cfg, ds_file, ctx.dp_size, ctx.device.type)
+    masking = MaskingConfig(mlm_probability=cfg.mlm_probability, whole_word_masking=cfg.whole_word_masking)
     batch, micro = ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"]
-    loader = PretrainingDataLoader(train_set, global_batch_size=batch, micro_batch_size=micro,
-                                   dp_rank=ctx.dp_rank, dp_size=ctx.dp_size, seed=cfg.seed, masking=masking)
+    sources = cfg.data_sources or (DataSource(1.0, str(data_dir)),)
+    loader = PretrainingDataLoader(train_sets, global_batch_size=batch, micro_batch_size=micro,
+                                   dp_rank=ctx.dp_rank, dp_size=ctx.dp_size, seed=cfg.seed, masking=masking,
+                                   weights=[s.weight for s in sources], names=[s.path for s in sources])
     valid_loader = None if len(valid_set) == 0 else ValidationDataLoader(
         valid_set, micro_batch_size=micro, dp_rank=ctx.dp_rank, dp_size=ctx.dp_size, seed=cfg.seed,
         masking=masking)
@@ -80,13 +86,14 @@ def build_run(cfg: TrainConfig) -> Run:
         model.compile_layers()
     checkpointer = Checkpointer(
         SavePolicy(cfg.save, cfg.save_interval, last_step=cfg.train_iters, keep_last=cfg.keep_last),
-        cfg.load_dir, run_record(cfg, model_cfg, ctx, ds, data_dir, train_set),
+        cfg.load_dir, run_record(cfg, model_cfg, ctx, ds, data_dir, train_set, sources),
         {"importance": model.importance, DATA_POSITION: loader, "rng": RNGStreams()},
         on_bad=cfg.on_bad_checkpoint, checkpoint_bytes=checkpoint_bytes(model, ctx),
         tp_rank=ctx.tp_rank, dp_rank=ctx.dp_rank, keep_data_position=cfg.keep_data_position)
     engine, _, _, _ = deepspeed.initialize(
         model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
-        config=checkpointer.deepspeed_config(ds), mpu=MegatronMPU(), dist_init_required=False)
+        config=checkpointer.deepspeed_config(ds), mpu=MegatronMPU(), dist_init_required=False,
+        lr_scheduler=None if wsd is None else partial(WSDScheduler, schedule=wsd))
     start_step = checkpointer.start(engine)
     logger = MetricsLogger(cfg.log_dir, ctx.device, world_size=ctx.world_size,
                            tokens_per_step=batch * cfg.seq_length, micro_batches=loader.grad_accum,
@@ -97,11 +104,14 @@ def build_run(cfg: TrainConfig) -> Run:
     logger.event("start" if plan is None else "resume", step=start_step,
                  consumed_samples=loader.consumed_samples, checkpoint=None if plan is None else plan.source_tag,
                  world_size=ctx.world_size, dp_size=ctx.dp_size, tp_size=ctx.tp_size,
-                 precision=str(precision(ds)), zero_stage=zero_stage(ds), **runtime)
+                 precision=str(precision(ds)), zero_stage=zero_stage(ds), data_mixture=loader.mixture,
+                 consumed_samples_by_source=loader.consumed_samples_by_source,
+                 lr_schedule=None if wsd is None else wsd.describe(), **runtime)
     if plan is not None:
         log_resume_changes(logger, plan, ctx, start_step, loader.consumed_samples, cfg.keep_data_position)
-    flops = partial(step_flops, model_cfg, cfg.token_drop, cfg.seq_length,
-                    masking.mlm_probability * cfg.seq_length, batch)
+    def flops(step: int, masked_tokens: float) -> float:  # the step's own count of predicted tokens
+        return step_flops(model_cfg, cfg.token_drop, cfg.seq_length, masked_tokens / batch, batch, step)
+
     return Run(cfg, ctx, model, engine, loader, valid_loader, checkpointer, logger, flops, start_step)
 
 
@@ -161,7 +171,7 @@ def log_resume_changes(logger: MetricsLogger, plan: ResumePlan, ctx: ParallelCon
 def open_data(cfg: TrainConfig) -> tuple[Path, PackedDataset, PackedDataset]:
     """The prepared folder and its two splits; without --data-path the embedded sample corpus,
     built on first use and cached in --data-cache."""
-    data_dir = cfg.data_path
+    data_dir = None if cfg.data_sources is None else cfg.data_sources[0].path
     if data_dir is None:
         from sctd_dist.data.prepare import ensure_sample_dataset
 
@@ -183,6 +193,17 @@ def open_data(cfg: TrainConfig) -> tuple[Path, PackedDataset, PackedDataset]:
     return Path(data_dir), train, valid
 
 
+def open_blend(cfg: TrainConfig, first: PackedDataset) -> list[PackedDataset]:
+    """The training splits of every --data-path folder (`first` is the first one's, opened by
+    `open_data`); a blend of folders that differ in tokenizer or sequence length is refused."""
+    sources = cfg.data_sources or ()
+    others = [PackedDataset(s.path, split="train") for s in sources[1:]]
+    splits = [first, *others]
+    check_sources(sources, [d.seq_length for d in splits],
+                  [d.metadata["tokenizer"]["fingerprint"] for d in splits])
+    return splits
+
+
 def model_config(cfg: TrainConfig, data_vocab_size: int, data_dir: Path) -> BertModelConfig:
     """The model's config, made once: a preset takes the vocabulary of the data's tokenizer; with
     --model-config or --init-hf the model keeps its own, which must hold every id of the data."""
@@ -196,16 +217,19 @@ def model_config(cfg: TrainConfig, data_vocab_size: int, data_dir: Path) -> Bert
     return model_cfg
 
 
-def prepare_ds_config(cfg: TrainConfig, ds: dict[str, Any], dp_size: int, device_type: str) -> dict[str, Any]:
-    """The DeepSpeed JSON, with CLI overrides and the run length applied, checked by DeepSpeed."""
+def prepare_ds_config(cfg: TrainConfig, ds: dict[str, Any], dp_size: int,
+                      device_type: str) -> tuple[dict[str, Any], WSD | None]:
+    """The DeepSpeed JSON, with CLI overrides and the run length applied, checked by DeepSpeed;
+    and the warmup-stable-decay schedule that replaces its scheduler (None: the JSON's own)."""
     check_device_support(ds, device_type)
     ds = resolve_batch_sizes(ds, dp_size, micro_batch=cfg.micro_batch_size,
                              global_batch=cfg.global_batch_size)
-    ds = apply_schedule(ds, cfg.lr_decay_iters or cfg.train_iters)
     if cfg.lr is not None:
-        ds.setdefault("optimizer", {}).setdefault("params", {})["lr"] = cfg.lr
+        ds = {**ds, "optimizer": {**ds.get("optimizer", {}),
+                                  "params": {**ds.get("optimizer", {}).get("params", {}), "lr": cfg.lr}}}
+    ds, wsd = apply_lr_schedule(ds, cfg.schedule, cfg.train_iters, cfg.lr_decay_iters)
     validate_with_deepspeed(ds, dp_size)
-    return ds
+    return ds, wsd
 
 
 def checkpoint_bytes(model: PretrainingModel, ctx: ParallelContext) -> int:
@@ -217,7 +241,8 @@ def checkpoint_bytes(model: PretrainingModel, ctx: ParallelContext) -> int:
 
 
 def run_record(cfg: TrainConfig, model_cfg: BertModelConfig, ctx: ParallelContext,
-               ds: dict[str, Any], data_dir: Path, train_set: PackedDataset) -> dict[str, Any]:
+               ds: dict[str, Any], data_dir: Path, train_set: PackedDataset,
+               sources: tuple[DataSource, ...] = ()) -> dict[str, Any]:
     """What a checkpoint records about the run (compared on resume; the step is added at save)."""
     return {
         "model": model_cfg.to_dict(),
@@ -226,6 +251,7 @@ def run_record(cfg: TrainConfig, model_cfg: BertModelConfig, ctx: ParallelContex
         "global_batch_size": ds["train_batch_size"], "seq_length": cfg.seq_length,
         "token_drop": vars(cfg.token_drop).copy(), "data_path": str(Path(data_dir).resolve()),
         "tokenizer_fingerprint": train_set.metadata["tokenizer"]["fingerprint"],
+        "data_mixture": [[s.weight, s.folder] for s in sources] if len(sources) > 1 else None,
         "train_config": cfg.to_dict(),
     }
 
