@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from sctd_dist.checkpoint import ON_BAD, check_writable
+from sctd_dist.checkpoint import ON_BAD, check_writable, complete_tags
 from sctd_dist.data.mixture import DataSource, parse_data_path
 from sctd_dist.flags import add_flags, flag, from_flags
 from sctd_dist.lr_schedule import LRScheduleConfig
@@ -125,8 +125,14 @@ class TrainConfig:
 
     @property
     def load_dir(self) -> Path | None:
-        """--load, defaulting to --save (a restart is the same command)."""
-        return self.load if self.load is not None else self.save
+        """--load, defaulting to --save (a restart is the same command). Once --save holds a
+        checkpoint of its own, a run started from another --load (a new phase, a decay branch)
+        resumes from --save: rerunning its command continues it instead of starting it again."""
+        if self.load is None:
+            return self.save
+        if self.save is not None and complete_tags(Path(self.save)):
+            return self.save
+        return self.load
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
