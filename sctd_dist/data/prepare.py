@@ -319,6 +319,7 @@ def prepare_corpus(
     shard_bytes: int = SHARD_TARGET_BYTES,
     datasets_cache_dir: str | Path | None = None,
     progress: bool = True,
+    encoding_errors: str = "strict",
 ) -> Path:
     """Tokenize and pack `inputs` into `out_dir` (see the module docstring); returns `out_dir`.
 
@@ -346,7 +347,7 @@ def prepare_corpus(
     out.mkdir(parents=True, exist_ok=True)
 
     sources = load_sources(list(inputs), text_column=text_column, text_sample_by=text_sample_by,
-                           cache_dir=datasets_cache_dir)
+                           cache_dir=datasets_cache_dir, encoding_errors=encoding_errors)
     tasks = plan_shards(sources, shard_bytes)
     if not tasks:
         raise ValueError(f"empty corpus: the inputs {list(inputs)} hold no text")
@@ -424,6 +425,7 @@ def prepare_corpus(
     seconds = time.perf_counter() - t_start
     tokens = meta["splits"]["train"]["num_tokens"] + meta["splits"]["validation"]["num_tokens"]
     meta["preparation_seconds"] = round(seconds, 3)
+    meta["encoding_errors"] = encoding_errors
     atomic_write(out / METADATA_FILE, json.dumps(meta, indent=1).encode())
     log.info("prepared %s: %d train / %d validation sequences, %d tokens in %.1fs (%.0f tokens/s)",
              out, meta["splits"]["train"]["num_sequences"], meta["splits"]["validation"]["num_sequences"],
@@ -575,6 +577,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cased", action="store_true", help="trained tokenizer keeps case (default: lowercase)")
     p.add_argument("--shard-mb", type=float, default=SHARD_TARGET_BYTES / (1 << 20),
                    help="text per shard for large corpora (MiB)")
+    p.add_argument("--encoding-errors", default="strict", choices=("strict", "replace", "ignore"),
+                   help="bytes that are not UTF-8 in .txt/.jsonl inputs: stop naming file and byte offset "
+                        "(default), replace with U+FFFD, or ignore")
     p.add_argument("--no-progress", action="store_true")
     return p
 
@@ -590,7 +595,7 @@ def main(argv: list[str] | None = None) -> None:
             validation_fraction=args.validation_fraction, seed=args.seed, text_column=args.text_column,
             text_sample_by=args.txt_sample_by, max_position_embeddings=args.max_position_embeddings,
             lowercase=not args.cased, shard_bytes=int(args.shard_mb * (1 << 20)),
-            progress=not args.no_progress)
+            progress=not args.no_progress, encoding_errors=args.encoding_errors)
     except (ValueError, FileNotFoundError) as err:
         parser.exit(2, f"error: {err}\n")
     meta = read_metadata(out)
