@@ -197,6 +197,8 @@ def open_blend(cfg: TrainConfig, first: PackedDataset) -> list[PackedDataset]:
     """The training splits of every --data-path folder (`first` is the first one's, opened by
     `open_data`); a blend of folders that differ in tokenizer or sequence length is refused."""
     sources = cfg.data_sources or ()
+    if len(sources) < 2:
+        return [first]
     others = [PackedDataset(s.path, split="train") for s in sources[1:]]
     splits = [first, *others]
     check_sources(sources, [d.seq_length for d in splits],

@@ -73,18 +73,27 @@ def reference(tmp_path_factory, folders):
     return tmp, _records(tmp / "ref" / "logs")
 
 
-def _dp1_counts(folders, steps: int) -> list[dict[str, int]]:
-    """Per-source counts after each step, as one data-parallel rank alone would consume them."""
+def _dp1_stream(folders, steps: int, mlm_probability: float = 0.15) -> list[tuple[dict, int, int]]:
+    """(per-source counts, predicted tokens, tokens that could be predicted) after each step, as
+    one data-parallel rank alone consumes the stream."""
+    import numpy as np
+
     from sctd_dist.data.dataset import PackedDataset
     from sctd_dist.data.loader import PretrainingDataLoader
+    from sctd_dist.data.masking import MaskingConfig
 
-    loader = PretrainingDataLoader([PackedDataset(folders["A"]), PackedDataset(folders["B"])],
-                                   global_batch_size=GLOBAL, micro_batch_size=2, dp_rank=0, dp_size=1,
-                                   seed=1234, weights=[0.75, 0.25], names=[folders["A"], folders["B"]])
+    sets = [PackedDataset(folders["A"]), PackedDataset(folders["B"])]
+    loader = PretrainingDataLoader(sets, global_batch_size=GLOBAL, micro_batch_size=2, dp_rank=0, dp_size=1,
+                                   seed=1234, weights=[0.75, 0.25], names=[folders["A"], folders["B"]],
+                                   masking=MaskingConfig(mlm_probability=mlm_probability))
     out = []
     for _ in range(steps):
-        next(loader)
-        out.append(loader.consumed_samples_by_source)
+        predicted = candidates = 0
+        for b in next(loader):
+            labelled = (b["labels"] >= 0).numpy()
+            predicted += int(labelled.sum())
+            candidates += int((labelled | ~np.isin(b["input_ids"].numpy(), sets[0].special_ids.all)).sum())
+        out.append((loader.consumed_samples_by_source, predicted, candidates))
     return out
 
 
@@ -92,7 +101,8 @@ def test_blend_counts_lr_and_exact_restart(reference, folders):
     tmp, ref = reference
     assert sorted(ref) == list(range(STEPS))
     # every record carries the counts; they follow the weights and equal a DP=1 stream's
-    assert [ref[s]["consumed_samples_by_source"] for s in range(STEPS)] == _dp1_counts(folders, STEPS)
+    assert [ref[s]["consumed_samples_by_source"] for s in range(STEPS)] == [
+        counts for counts, _, _ in _dp1_stream(folders, STEPS)]
     final = ref[STEPS - 1]["consumed_samples_by_source"]
     assert abs(final[folders["A"]] / (STEPS * GLOBAL) - 0.75) < 0.02, final
     logs = tmp / "ref" / "logs"
@@ -115,10 +125,12 @@ def test_blend_counts_lr_and_exact_restart(reference, folders):
 
 
 def test_tp2_checkpoint_resumed_at_tp1_dp2_keeps_per_source_counts(reference, folders, tmp_path):
+    """Also at --mlm-probability 0.3: 30% of the tokens predicted, counted in every record."""
     _, ref = reference
-    tp2 = ["--tensor-model-parallel-size", "2"]
+    tp2 = ["--tensor-model-parallel-size", "2", "--mlm-probability", "0.3"]
     launch.train(2, *_args(folders, tmp_path, "job", *tp2, "--train-iters", str(HALF)))
-    launch.train(2, *_args(folders, tmp_path, "job"))  # same folders, TP=1 x DP=2, on to step 40
+    # same folders, TP=1 x DP=2, on to step 40
+    launch.train(2, *_args(folders, tmp_path, "job", "--mlm-probability", "0.3"))
     logs = tmp_path / "job" / "logs"
     (moved,) = launch.events(logs, "layout_change")
     assert (moved["saved_tp_size"], moved["tp_size"], moved["dp_size"]) == (2, 1, 2)
@@ -127,6 +139,10 @@ def test_tp2_checkpoint_resumed_at_tp1_dp2_keeps_per_source_counts(reference, fo
     got = _records(logs)
     assert sorted(got) == list(range(STEPS))
     assert all(got[s]["consumed_samples_by_source"] == ref[s]["consumed_samples_by_source"] for s in got)
+    stream = _dp1_stream(folders, STEPS, mlm_probability=0.3)
+    assert [got[s]["masked_tokens"] for s in range(STEPS)] == [p for _, p, _ in stream]
+    rate = sum(p for _, p, _ in stream) / sum(c for _, _, c in stream)
+    assert abs(rate - 0.3) < 0.01, rate  # ~19k candidate tokens: sampling noise ~0.003
 
 
 def test_decay_branch_from_a_stable_checkpoint_restarts_exactly(reference, folders, tmp_path):
