@@ -38,7 +38,7 @@ class TrainConfig:
     init_hf: Path | None = flag(None, "start from a Hugging Face BertForMaskedLM folder", group=_DATA)
     data_path: list[str] | None = flag(None, "prepared shards: one folder, or a weighted blend "
                                        "`W1 DIR1 W2 DIR2 ...` (weights normalised; default: the embedded "
-                                       "sample corpus)", metavar="[W] DIR", group=_DATA)
+                                       "sample corpus)", metavar="DIR", group=_DATA)
     data_cache: Path = flag(Path("data_cache"), "where the sample corpus is built when --data-path is "
                             "not given", group=_DATA)
     seq_length: int = flag(128, "tokens per sequence (the prepared data's length)", group=_DATA)

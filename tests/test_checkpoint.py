@@ -97,10 +97,20 @@ def test_incompatible_checkpoint_names_each_difference():
     ({"data_path": "/data/phase1/../phase1", "seq_length": 128}, {}),  # the same folder
     ({"data_path": "/data/phase2", "seq_length": 128}, {"--data-path": ["/data/phase1", "/data/phase2"]}),
     ({"data_path": "/data/phase1", "seq_length": 512}, {"--seq-length": [128, 512]}),
+    # a blend: compared as weighted resolved folders
+    ({"data_path": "/data/phase1", "data_mixture": [[0.75, "/data/phase1"], [0.25, "/data/books"]],
+      "seq_length": 128}, {"--data-path": ["/data/phase1", "0.75 /data/phase1 0.25 /data/books"]}),
 ])
 def test_data_switch_names_what_changed(now, changes):
     saved = {"data_path": "/data/phase1", "seq_length": 128}
     assert checkpoint.data_switch(saved, now) == changes
+
+
+def test_a_changed_blend_is_a_data_switch():
+    blend = {"data_path": "/d/a", "data_mixture": [[0.75, "/d/a"], [0.25, "/d/b"]], "seq_length": 128}
+    assert checkpoint.data_switch(blend, dict(blend)) == {}
+    reweighted = {**blend, "data_mixture": [[0.5, "/d/a"], [0.5, "/d/b"]]}
+    assert checkpoint.data_switch(blend, reweighted) == {"--data-path": ["0.75 /d/a 0.25 /d/b", "0.5 /d/a 0.5 /d/b"]}
 
 
 @pytest.mark.parametrize("saved_stage, stage, refused", [(1, 2, False), (2, 1, False), (3, 3, False),
