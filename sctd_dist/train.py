@@ -37,8 +37,9 @@ def train_step(run: Run, step: int) -> dict[str, Any]:
     sums: dict[str, torch.Tensor] = {}
     batches = next(run.loader)
     for batch in batches:
+        batch = _to_device(batch, run.ctx.device)
         sums["masked_tokens"] = sums.get("masked_tokens", 0) + (batch["labels"] >= 0).sum().float()
-        out = run.engine(_to_device(batch, run.ctx.device), step=step)
+        out = run.engine(batch, step=step)
         run.engine.backward(out.loss)
         run.engine.step()  # DeepSpeed updates the weights at the last micro-batch only
         for k, v in out.metrics.items():

@@ -49,6 +49,10 @@ def _args(folders, tmp, name, *extra):
             "--log-dir", str(tmp / name / "logs"), *extra]
 
 
+def _train(*args: str) -> None:
+    launch.train(2, *args, timeout=900)  # generous: a loaded machine, not a hang, is what runs long
+
+
 def _records(log_dir) -> dict[int, dict]:
     """Training records by step; a restarted run's replace the earlier ones."""
     out = {}
@@ -69,7 +73,7 @@ def _copy_checkpoint(src: Path, step: int, dest: Path) -> Path:
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, folders):
     tmp = tmp_path_factory.mktemp("mix")
-    launch.train(2, *_args(folders, tmp, "ref"))
+    _train(*_args(folders, tmp, "ref"))
     return tmp, _records(tmp / "ref" / "logs")
 
 
@@ -115,7 +119,7 @@ def test_blend_counts_lr_and_exact_restart(reference, folders):
     assert all(abs(ref[s]["lr"] - wsd.lr(s + 1)) < 1e-12 for s in ref), [ref[s]["lr"] for s in range(6)]
     # stopped at step 20 and restarted: the uninterrupted losses, the same counts
     _copy_checkpoint(tmp / "ref" / "ckpt", HALF, tmp / "again" / "ckpt")
-    launch.train(2, *_args(folders, tmp, "again"))
+    _train(*_args(folders, tmp, "again"))
     got = _records(tmp / "again" / "logs")
     assert sorted(got) == list(range(HALF, STEPS))
     assert all(abs(got[s]["loss"] - ref[s]["loss"]) <= 1e-6 for s in got)
@@ -128,9 +132,9 @@ def test_tp2_checkpoint_resumed_at_tp1_dp2_keeps_per_source_counts(reference, fo
     """Also at --mlm-probability 0.3: 30% of the tokens predicted, counted in every record."""
     _, ref = reference
     tp2 = ["--tensor-model-parallel-size", "2", "--mlm-probability", "0.3"]
-    launch.train(2, *_args(folders, tmp_path, "job", *tp2, "--train-iters", str(HALF)))
+    _train(*_args(folders, tmp_path, "job", *tp2, "--train-iters", str(HALF)))
     # same folders, TP=1 x DP=2, on to step 40
-    launch.train(2, *_args(folders, tmp_path, "job", "--mlm-probability", "0.3"))
+    _train(*_args(folders, tmp_path, "job", "--mlm-probability", "0.3"))
     logs = tmp_path / "job" / "logs"
     (moved,) = launch.events(logs, "layout_change")
     assert (moved["saved_tp_size"], moved["tp_size"], moved["dp_size"]) == (2, 1, 2)
@@ -150,7 +154,7 @@ def test_decay_branch_from_a_stable_checkpoint_restarts_exactly(reference, folde
     main = _copy_checkpoint(tmp / "ref" / "ckpt", HALF, tmp_path / "main")
     branch = ["--load", str(main), "--lr-decay-start", str(HALF), "--lr-wsd-decay-iters", "16",
               "--lr-wsd-decay-style", "cosine"]
-    launch.train(2, *_args(folders, tmp_path, "branch", *branch))
+    _train(*_args(folders, tmp_path, "branch", *branch))
     got = _records(tmp_path / "branch" / "logs")
     assert sorted(got) == list(range(HALF, STEPS))
     wsd = WSD(PEAK, 0.0, WARMUP, HALF, 16, "cosine")
@@ -160,7 +164,7 @@ def test_decay_branch_from_a_stable_checkpoint_restarts_exactly(reference, folde
     # the branch killed after its step-30 save, rerun with the same command: it resumes its own
     # checkpoint (not the main run's) and decays on exactly as before
     _copy_checkpoint(tmp_path / "branch" / "ckpt", 30, tmp_path / "rerun" / "ckpt")
-    launch.train(2, *_args(folders, tmp_path, "rerun", *branch))
+    _train(*_args(folders, tmp_path, "rerun", *branch))
     (resume,) = launch.events(tmp_path / "rerun" / "logs", "resume")
     assert resume["step"] == 30 and resume["lr_schedule"]["decay_start"] == HALF
     again = _records(tmp_path / "rerun" / "logs")
