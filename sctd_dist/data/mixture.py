@@ -171,7 +171,7 @@ class Blend:
             self.seeds = [self.seed]
         else:
             self.seeds = [int(k >> np.uint64(1)) for k in derive_key(DOMAIN_MIXTURE, seed, count=len(sizes))]
-            self.streams = [SampleStream(n, 1, s, drop_last=False) for n, s in zip(self.sizes, self.seeds)]
+            self.streams = [SampleStream(n, 1, s) for n, s in zip(self.sizes, self.seeds)]  # whole epochs
 
     @property
     def blended(self) -> bool:

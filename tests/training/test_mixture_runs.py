@@ -45,7 +45,7 @@ def _args(folders, tmp, name, *extra):
             "--token-drop", "sctd", "--sctd-interval", "4", "--global-batch-size", str(GLOBAL),
             "--micro-batch-size", "2", "--eval-iters", "0", "--no-progress", "--lr-schedule", "wsd",
             "--lr-warmup-iters", str(WARMUP), "--lr-decay-start", "1000", "--lr-wsd-decay-iters", "20",
-            "--train-iters", str(STEPS), "--save", str(tmp / name / "ckpt"), "--save-interval", "10",
+            "--train-iters", str(STEPS), "--save", str(tmp / name / "ckpt"), "--save-interval", str(HALF),
             "--log-dir", str(tmp / name / "logs"), *extra]
 
 
@@ -131,44 +131,46 @@ def test_blend_counts_lr_and_exact_restart(reference, folders):
 def test_tp2_checkpoint_resumed_at_tp1_dp2_keeps_per_source_counts(reference, folders, tmp_path):
     """Also at --mlm-probability 0.3: 30% of the tokens predicted, counted in every record."""
     _, ref = reference
+    saved, end = 6, 12
     tp2 = ["--tensor-model-parallel-size", "2", "--mlm-probability", "0.3"]
-    _train(*_args(folders, tmp_path, "job", *tp2, "--train-iters", str(HALF)))
-    # same folders, TP=1 x DP=2, on to step 40
-    _train(*_args(folders, tmp_path, "job", "--mlm-probability", "0.3"))
+    _train(*_args(folders, tmp_path, "job", *tp2, "--train-iters", str(saved)))
+    # same folders, TP=1 x DP=2, on to step 12
+    _train(*_args(folders, tmp_path, "job", "--mlm-probability", "0.3", "--train-iters", str(end)))
     logs = tmp_path / "job" / "logs"
     (moved,) = launch.events(logs, "layout_change")
     assert (moved["saved_tp_size"], moved["tp_size"], moved["dp_size"]) == (2, 1, 2)
     (resume,) = launch.events(logs, "resume")
-    assert resume["consumed_samples_by_source"] == ref[HALF - 1]["consumed_samples_by_source"]
+    assert resume["consumed_samples_by_source"] == ref[saved - 1]["consumed_samples_by_source"]
     got = _records(logs)
-    assert sorted(got) == list(range(STEPS))
+    assert sorted(got) == list(range(end))
     assert all(got[s]["consumed_samples_by_source"] == ref[s]["consumed_samples_by_source"] for s in got)
-    stream = _dp1_stream(folders, STEPS, mlm_probability=0.3)
-    assert [got[s]["masked_tokens"] for s in range(STEPS)] == [p for _, p, _ in stream]
+    stream = _dp1_stream(folders, end, mlm_probability=0.3)
+    assert [got[s]["masked_tokens"] for s in range(end)] == [p for _, p, _ in stream]
     rate = sum(p for _, p, _ in stream) / sum(c for _, _, c in stream)
-    assert abs(rate - 0.3) < 0.01, rate  # ~19k candidate tokens: sampling noise ~0.003
+    assert abs(rate - 0.3) < 0.02, rate  # ~6k candidate tokens: sampling noise ~0.006
 
 
 def test_decay_branch_from_a_stable_checkpoint_restarts_exactly(reference, folders, tmp_path):
     tmp, ref = reference
     main = _copy_checkpoint(tmp / "ref" / "ckpt", HALF, tmp_path / "main")
-    branch = ["--load", str(main), "--lr-decay-start", str(HALF), "--lr-wsd-decay-iters", "16",
-              "--lr-wsd-decay-style", "cosine"]
+    end = HALF + 8
+    branch = ["--load", str(main), "--lr-decay-start", str(HALF), "--lr-wsd-decay-iters", "6",
+              "--lr-wsd-decay-style", "cosine", "--train-iters", str(end), "--save-interval", "4"]
     _train(*_args(folders, tmp_path, "branch", *branch))
     got = _records(tmp_path / "branch" / "logs")
-    assert sorted(got) == list(range(HALF, STEPS))
-    wsd = WSD(PEAK, 0.0, WARMUP, HALF, 16, "cosine")
+    assert sorted(got) == list(range(HALF, end))
+    wsd = WSD(PEAK, 0.0, WARMUP, HALF, 6, "cosine")
     assert all(abs(got[s]["lr"] - wsd.lr(s + 1)) < 1e-12 for s in got)
-    assert got[STEPS - 1]["lr"] == 0.0 and got[HALF]["loss"] == ref[HALF]["loss"]  # same weights at 20
+    assert got[end - 1]["lr"] == 0.0 and got[HALF]["loss"] == ref[HALF]["loss"]  # same weights at 20
     assert sorted(p.name for p in main.iterdir()) == [checkpoint.tag_for(HALF), checkpoint.LATEST]
-    # the branch killed after its step-30 save, rerun with the same command: it resumes its own
+    # the branch killed after its step-24 save, rerun with the same command: it resumes its own
     # checkpoint (not the main run's) and decays on exactly as before
-    _copy_checkpoint(tmp_path / "branch" / "ckpt", 30, tmp_path / "rerun" / "ckpt")
+    _copy_checkpoint(tmp_path / "branch" / "ckpt", HALF + 4, tmp_path / "rerun" / "ckpt")
     _train(*_args(folders, tmp_path, "rerun", *branch))
     (resume,) = launch.events(tmp_path / "rerun" / "logs", "resume")
-    assert resume["step"] == 30 and resume["lr_schedule"]["decay_start"] == HALF
+    assert resume["step"] == HALF + 4 and resume["lr_schedule"]["decay_start"] == HALF
     again = _records(tmp_path / "rerun" / "logs")
-    assert sorted(again) == list(range(30, STEPS))
+    assert sorted(again) == list(range(HALF + 4, end))
     assert all(abs(again[s]["loss"] - got[s]["loss"]) <= 1e-6 and again[s]["lr"] == got[s]["lr"] for s in again)
 
 
