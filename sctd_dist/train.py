@@ -44,7 +44,6 @@ def train_step(run: Run, step: int) -> dict[str, Any]:
         run.engine.step()  # DeepSpeed updates the weights at the last micro-batch only
         for k, v in out.metrics.items():
             sums[k] = sums.get(k, 0) + v.detach().float()
-    run.model.update_importance()
     means = step_means(sums, len(batches), run.ctx)
     # the mean per micro-batch and rank, as the step's total over every rank
     means["masked_tokens"] = round(means["masked_tokens"] * len(batches) * run.ctx.dp_size)

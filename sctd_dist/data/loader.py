@@ -14,7 +14,6 @@ NSP) and `labels` (the original id where a token is predicted, -100 elsewhere).
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -88,7 +87,6 @@ class PretrainingDataLoader:
         seed: int,
         consumed_samples: int = 0,
         masking: MaskingConfig = MaskingConfig(),
-        drop_last: bool = True,
         weights: Sequence[float] | None = None,
         names: Sequence[str] | None = None,
     ):
@@ -105,9 +103,8 @@ class PretrainingDataLoader:
         self.dp_rank = dp_rank
         self.dp_size = dp_size
         self.seed = seed
-        self.drop_last = drop_last
         self.blend = Blend([len(d) for d in self.sources], weights or [1.0] * len(self.sources), seed,
-                           global_batch_size, drop_last=drop_last)
+                           global_batch_size)
         self.stream = self.blend.streams[0]
         self._maskers = [_Masker(d, s, masking) for d, s in zip(self.sources, self.blend.seeds)]
         self._mask = self._maskers[0]
@@ -183,7 +180,7 @@ class PretrainingDataLoader:
         """What a checkpoint needs to resume at exactly the next sample."""
         state = {"consumed_samples": self.consumed_samples, "epoch": self.epoch, "seed": self.seed,
                  "global_batch_size": self.global_batch_size, "num_samples": len(self.dataset),
-                 "drop_last": self.drop_last, "data_path": _folder(self.dataset)}
+                 "data_path": _folder(self.dataset)}
         if self.blend.blended:
             state["mixture"] = {"weights": list(self.blend.weights), "folders": self._folders(),
                                 "num_samples": list(self.blend.sizes), "start": self.blend.start,
@@ -196,27 +193,12 @@ class PretrainingDataLoader:
         return [_folder(d) for d in self.sources]
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Resume from `state_dict()` output; the DP size and micro batch may differ.
-
-        From the same data (folder or mixture) the stream must be the same (rows and seed are
-        checked). A state from other data (a new training phase) only sets the position: the new
-        stream continues after the samples consumed so far, and each folder of a new mixture
-        that the old data held continues at its own position (`carry_source_positions`)."""
+        """Resume from `state_dict()` output: set the position, nothing else. Whether the data,
+        seed and batch may differ from the checkpoint's is decided, and said, once, by the resume
+        plan (`RunRecord.compare`); the DP size and micro batch may differ. From other data (a
+        new training phase) each folder of a new mixture that the old data held continues at its
+        own position (`carry_source_positions`)."""
         same = self._same_data(state)
-        if same:
-            sizes = state.get("mixture", {}).get("num_samples", [state.get("num_samples")])
-            for name, saved, now in zip(self.names, sizes, self.blend.sizes):
-                if saved is not None and saved != now:
-                    raise ValueError(f"the checkpoint was trained on {saved} rows of {name}, which now "
-                                     f"holds {now}: restore that data, or resume with the same "
-                                     "--data-path as before")
-            if "seed" in state and state["seed"] != self.seed:
-                raise ValueError(f"the checkpoint's data seed is {state['seed']}, this loader's "
-                                 f"{self.seed}: resume with --seed {state['seed']}")
-        if state.get("global_batch_size", self.global_batch_size) != self.global_batch_size:
-            warnings.warn(f"global batch size changed from {state['global_batch_size']} to "
-                          f"{self.global_batch_size}: the sample stream continues at the same position, "
-                          "but epoch boundaries move", stacklevel=2)
         consumed = int(state["consumed_samples"])
         if consumed < 0:
             raise ValueError(f"consumed_samples must be >= 0, got {consumed}")
@@ -293,7 +275,3 @@ class ValidationDataLoader:
             rows = self.dataset.get_rows(idx[real])
             inputs[real], labels[real] = self._mask(rows, np.zeros(int(real.sum()), np.int64), idx[real])
         return _to_batch(inputs, labels, specials.pad)
-
-    def __iter__(self):
-        for step in range(len(self)):
-            yield self.batch(step)

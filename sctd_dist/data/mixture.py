@@ -154,20 +154,19 @@ class BlendOrder:
 class Blend:
     """Global stream positions -> (source, row, epoch) over one or more prepared folders.
 
-    One source: today's single-folder stream (`SampleStream` with drop_last by the global batch,
-    the position being the global one). Several: `BlendOrder` picks the source, and each source
+    One source: today's single-folder stream (`SampleStream`, epochs of whole global batches, the
+    position being the global one). Several: `BlendOrder` picks the source, and each source
     runs its own stream of full epochs (`SampleStream` over its rows, a seed of its own).
     """
 
-    def __init__(self, sizes: Sequence[int], weights: Sequence[float], seed: int,
-                 global_batch_size: int, drop_last: bool = True):
+    def __init__(self, sizes: Sequence[int], weights: Sequence[float], seed: int, global_batch_size: int):
         self.sizes = [int(n) for n in sizes]
         self.weights = [float(w) for w in weights]
         self.seed = int(seed)
         self.start = 0  # the global position where this blend began
         self.offsets = np.zeros(len(self.sizes), dtype=np.int64)  # each source's position there
         if len(self.sizes) == 1:
-            self.streams = [SampleStream(self.sizes[0], global_batch_size, seed, drop_last=drop_last)]
+            self.streams = [SampleStream(self.sizes[0], global_batch_size, seed)]
             self.seeds = [self.seed]
         else:
             self.seeds = [int(k >> np.uint64(1)) for k in derive_key(DOMAIN_MIXTURE, seed, count=len(sizes))]
