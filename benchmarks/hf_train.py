@@ -39,8 +39,8 @@ def main(argv: list[str] | None = None) -> int:
     data_dir, train_set, _ = open_data(cfg)
     model_cfg = model_config(cfg, train_set.vocab_size, data_dir)
     ctx = initialize(1, seed=cfg.seed)
-    ds = prepare_ds_config(cfg, load_ds_config(cfg.deepspeed_config), ctx.dp_size, ctx.device.type)
-    masking = MaskingConfig(whole_word_masking=cfg.whole_word_masking)
+    ds, _ = prepare_ds_config(cfg, load_ds_config(cfg.deepspeed_config), ctx.dp_size, ctx.device.type)
+    masking = MaskingConfig(mlm_probability=cfg.mlm_probability, whole_word_masking=cfg.whole_word_masking)
     batch = ds["train_batch_size"]
     loader = PretrainingDataLoader(train_set, global_batch_size=batch,
                                    micro_batch_size=ds["train_micro_batch_size_per_gpu"],

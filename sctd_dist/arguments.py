@@ -12,8 +12,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from sctd_dist.checkpoint import ON_BAD
+from sctd_dist.checkpoint import ON_BAD, complete_tags
+from sctd_dist.data.mixture import DataSource, parse_data_path
 from sctd_dist.flags import add_flags, flag, from_flags
+from sctd_dist.lr_schedule import LRScheduleConfig
 from sctd_dist.model.config import PRESETS, TokenDropConfig
 from sctd_dist.typed import check_types
 
@@ -34,11 +36,15 @@ class TrainConfig:
     model_config: Path | None = flag(None, "JSON of transformers.BertConfig fields overriding the preset",
                                      group=_DATA)
     init_hf: Path | None = flag(None, "start from a Hugging Face BertForMaskedLM folder", group=_DATA)
-    data_path: Path | None = flag(None, "prepared shards (default: the embedded sample corpus)", group=_DATA)
+    data_path: list[str] | None = flag(None, "prepared shards: one folder, or a weighted blend "
+                                       "`W1 DIR1 W2 DIR2 ...` (weights normalised; default: the embedded "
+                                       "sample corpus)", metavar="DIR", group=_DATA)
     data_cache: Path = flag(Path("data_cache"), "where the sample corpus is built when --data-path is "
                             "not given", group=_DATA)
     seq_length: int = flag(128, "tokens per sequence (the prepared data's length)", group=_DATA)
     whole_word_masking: bool = flag(False, "mask all pieces of a word together", group=_DATA)
+    mlm_probability: float = flag(0.15, "fraction of each row's tokens predicted (of those: 80%% [MASK], "
+                                  "10%% random, 10%% unchanged)", group=_DATA)
     tensor_model_parallel_size: int = flag(1, "tensor-parallel size", group=_PARALLEL)
     sequence_parallel: bool = flag(False, "shard activations along the sequence between layers",
                                    group=_PARALLEL)
@@ -52,6 +58,7 @@ class TrainConfig:
     lr_decay_iters: int | None = flag(None, "length of the LR schedule (default: --train-iters); a "
                                       "multi-phase run gives every phase its final step, so the phases "
                                       "continue one schedule", group=_SCHEDULE)
+    schedule: LRScheduleConfig = flag(default_factory=LRScheduleConfig, group=_SCHEDULE)
     micro_batch_size: int | None = flag(None, "overrides train_micro_batch_size_per_gpu", group=_SCHEDULE)
     global_batch_size: int | None = flag(None, "overrides train_batch_size", group=_SCHEDULE)
     lr: float | None = flag(None, "overrides the optimizer's lr in the DeepSpeed JSON", group=_SCHEDULE)
@@ -83,6 +90,9 @@ class TrainConfig:
         """Raise ValueError naming the flag to change (values only: the files and folders named
         are checked at the start of the run, `sctd_dist.run.check_paths`)."""
         check_types(self)
+        self.data_sources  # noqa: B018 - a malformed --data-path is a parse error
+        if not 0.0 < self.mlm_probability < 1.0:
+            raise ValueError(f"--mlm-probability must be in (0, 1), got {self.mlm_probability}")
         for name in ("seq_length", "train_iters", "eval_interval"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
@@ -105,9 +115,23 @@ class TrainConfig:
             raise ValueError("--sequence-parallel needs --tensor-model-parallel-size > 1")
 
     @property
+    def data_sources(self) -> tuple[DataSource, ...] | None:
+        """--data-path as (weight, folder) sources; None: the embedded sample corpus."""
+        if self.data_path is None:
+            return None
+        paths = [self.data_path] if isinstance(self.data_path, (str, Path)) else self.data_path
+        return parse_data_path(paths)
+
+    @property
     def load_dir(self) -> Path | None:
-        """--load, defaulting to --save (a restart is the same command)."""
-        return self.load if self.load is not None else self.save
+        """--load, defaulting to --save (a restart is the same command). Once --save holds a
+        checkpoint of its own, a run started from another --load (a new phase, a decay branch)
+        resumes from --save: rerunning its command continues it instead of starting it again."""
+        if self.load is None:
+            return self.save
+        if self.save is not None and complete_tags(Path(self.save)):
+            return self.save
+        return self.load
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

@@ -40,7 +40,7 @@ import numpy as np
 import torch
 
 from sctd_dist import reshard, run_record
-from sctd_dist.coordination import atomic_write, barrier, is_rank0, rank, say, share_work, world_size
+from sctd_dist.coordination import atomic_write, barrier, is_rank0, rank, share_work, world_size
 from sctd_dist.parallel.random import SHARDED_RNG
 from sctd_dist.run_record import RunRecord, RunRecordError
 
@@ -504,6 +504,8 @@ class Checkpointer:
         for name, obj in self.states.items():
             own = source / f"{name}_rank{rank()}.pt"
             if name == DATA_POSITION and fresh_data:
+                # A mixture keeps the positions of the folders it shares with the old data.
+                getattr(obj, "carry_source_positions", lambda _: None)(replicated[name])
                 continue
             if not _per_rank(obj):
                 obj.load_state_dict(replicated[name])

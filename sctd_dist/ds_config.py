@@ -7,7 +7,8 @@ node instead of a queue slot and an engine bring-up:
   would reject or silently mishandle: invalid JSON, duplicate keys, Hugging Face "auto"
   placeholders and keys DeepSpeed has removed (see `REMOVED_KEYS`).
 - `resolve_batch_sizes` makes the batch triple consistent for this data-parallel size.
-- `apply_schedule` sizes the LR schedule from the run length.
+- `apply_schedule` sizes the LR schedule from the run length; `apply_lr_schedule` puts the
+  warmup-stable-decay schedule (`sctd_dist.lr_schedule`) in its place when the run asks for it.
 - `precision`, `zero_stage`, `check_device_support` answer what the training loop needs to know.
 - `validate_with_deepspeed` builds DeepSpeed's own config object (no process group needed) and
   checks the optimizer and scheduler parameters against the classes DeepSpeed will build.
@@ -25,6 +26,7 @@ from typing import Any, Callable
 
 import torch
 
+from sctd_dist.lr_schedule import WSD, LRScheduleConfig
 from sctd_dist.typed import finite, nonfinite_numbers
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "ds_configs"
@@ -282,6 +284,25 @@ def apply_schedule(
         params["total_num_steps"] = train_iters
     params["warmup_num_steps"] = steps
     return out
+
+
+def apply_lr_schedule(cfg: dict[str, Any], schedule: LRScheduleConfig, train_iters: int,
+                      decay_iters: int | None = None) -> tuple[dict[str, Any], WSD | None]:
+    """A copy of `cfg` with the run's LR schedule in place, and the WSD schedule when the run
+    uses one (`--lr-schedule wsd`: the JSON's scheduler block is dropped, the engine gets a
+    `WSDScheduler`; its peak is optimizer.params.lr, its default warmup the JSON's
+    warmup_num_steps). Otherwise `apply_schedule` sizes the JSON's own scheduler."""
+    if schedule.lr_schedule != "wsd":
+        return apply_schedule(cfg, decay_iters or train_iters), None
+    out = copy.deepcopy(cfg)
+    present, peak = _at(out, "optimizer.params.lr")
+    if not present or not finite(peak):
+        raise ValueError("--lr-schedule wsd takes its peak from optimizer.params.lr: set it in the "
+                         "DeepSpeed JSON or pass --lr")
+    sched = out.pop("scheduler", None)
+    warmup = ((sched or {}).get("params") or {}).get("warmup_num_steps") if isinstance(sched, dict) else None
+    json_warmup = warmup if isinstance(warmup, int) and not isinstance(warmup, bool) and warmup > 0 else None
+    return out, schedule.resolve(train_iters, float(peak), json_warmup)
 
 
 def precision(cfg: dict[str, Any]) -> torch.dtype:

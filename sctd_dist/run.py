@@ -28,9 +28,11 @@ from sctd_dist.coordination import rank0_decides, say
 from sctd_dist.data.dataset import PackedDataset
 from sctd_dist.data.loader import PretrainingDataLoader, ValidationDataLoader
 from sctd_dist.data.masking import MaskingConfig
-from sctd_dist.ds_config import (apply_schedule, check_device_support, load_ds_config, precision,
+from sctd_dist.data.mixture import DataSource, check_sources
+from sctd_dist.ds_config import (apply_lr_schedule, check_device_support, load_ds_config, precision,
                                  resolve_batch_sizes, validate_with_deepspeed, zero_stage)
 from sctd_dist.flops import step_flops
+from sctd_dist.lr_schedule import WSD, WSDScheduler
 from sctd_dist.metrics import MetricsLogger
 from sctd_dist.model.config import BertModelConfig
 from sctd_dist.model.pretraining import PretrainingModel, check_layout
@@ -52,7 +54,8 @@ class Run:
     valid_loader: ValidationDataLoader | None  # None: the validation split is empty (--eval-iters 0)
     checkpointer: Checkpointer
     logger: MetricsLogger
-    step_flops: Callable[[int], float]  # model FLOPs of optimizer step `step`, all ranks together
+    # model FLOPs of optimizer step `step` with `masked_tokens` predicted positions, all ranks together
+    step_flops: Callable[[int, float], float]
     start_step: int  # optimizer steps done before this process started
     lock: RunLock  # rank 0's ownership of --save (empty elsewhere)
 
@@ -72,10 +75,13 @@ def build_run(cfg: TrainConfig) -> Run:
     ctx = initialize(cfg.tensor_model_parallel_size, sequence_parallel=cfg.sequence_parallel, seed=cfg.seed,
                      timeout_s=cfg.dist_timeout)
     plan = plan_resume(cfg.load_dir, settled.record, cfg.on_bad_checkpoint, ctx.tp_rank, ctx.dp_rank)
-    ds, train_set, masking = settled.ds, settled.train_set, MaskingConfig(whole_word_masking=cfg.whole_word_masking)
-    batch, micro = ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"]
-    loader = PretrainingDataLoader(train_set, global_batch_size=batch, micro_batch_size=micro,
-                                   dp_rank=ctx.dp_rank, dp_size=ctx.dp_size, seed=cfg.seed, masking=masking)
+    ds, masking = settled.ds, MaskingConfig(mlm_probability=cfg.mlm_probability,
+                                            whole_word_masking=cfg.whole_word_masking)
+    train_set, batch, micro = settled.train_sets[0], ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"]
+    loader = PretrainingDataLoader(settled.train_sets, global_batch_size=batch, micro_batch_size=micro,
+                                   dp_rank=ctx.dp_rank, dp_size=ctx.dp_size, seed=cfg.seed, masking=masking,
+                                   weights=[s.weight for s in settled.sources],
+                                   names=[s.path for s in settled.sources])
     valid_loader = None if len(settled.valid_set) == 0 else ValidationDataLoader(
         settled.valid_set, micro_batch_size=micro, dp_rank=ctx.dp_rank, dp_size=ctx.dp_size, seed=cfg.seed,
         masking=masking)
@@ -93,9 +99,11 @@ def build_run(cfg: TrainConfig) -> Run:
         SavePolicy(cfg.save, cfg.save_interval, last_step=cfg.train_iters, keep_last=cfg.keep_last),
         cfg.load_dir, settled.record, {"importance": model.importance, DATA_POSITION: loader, "rng": RNGStreams()},
         plan, keep_data_position=cfg.keep_data_position)
+    wsd = settled.lr_schedule
     engine, _, _, _ = deepspeed.initialize(
         model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
-        config=resume_ds_config(plan, ds), mpu=MegatronMPU(), dist_init_required=False)
+        config=resume_ds_config(plan, ds), mpu=MegatronMPU(), dist_init_required=False,
+        lr_scheduler=None if wsd is None else partial(WSDScheduler, schedule=wsd))
     start_step = checkpointer.start(engine)
     logger = MetricsLogger(cfg.log_dir, ctx.device, world_size=ctx.world_size,
                            tokens_per_step=batch * cfg.seq_length, micro_batches=loader.grad_accum,
@@ -107,6 +115,8 @@ def build_run(cfg: TrainConfig) -> Run:
                  consumed_samples=loader.consumed_samples, checkpoint=None if plan is None else plan.source_tag,
                  world_size=ctx.world_size, dp_size=ctx.dp_size, tp_size=ctx.tp_size,
                  precision=str(precision(ds)), zero_stage=zero_stage(ds), **runtime,
+                 data_mixture=loader.mixture, consumed_samples_by_source=loader.consumed_samples_by_source,
+                 lr_schedule=None if wsd is None else wsd.describe(),
                  train_config=settled.record.train_config, deepspeed_config=ds,
                  # micro-batches with padding run attention with a mask (no FlashAttention)
                  attention_mask_share=loader.padded_share(min(cfg.train_iters - start_step, 100)))
@@ -114,8 +124,10 @@ def build_run(cfg: TrainConfig) -> Run:
         logger.event("run_lock_takeover", **lock.takeover)
     if plan is not None:
         log_resume_changes(logger, plan, ctx, start_step, loader.consumed_samples, cfg.keep_data_position)
-    flops = partial(step_flops, settled.model_cfg, cfg.token_drop, cfg.seq_length,
-                    masking.mlm_probability * cfg.seq_length, batch)
+
+    def flops(step: int, masked_tokens: float) -> float:  # the step's own count of predicted tokens
+        return step_flops(settled.model_cfg, cfg.token_drop, cfg.seq_length, masked_tokens / batch, batch, step)
+
     return Run(cfg, ctx, model, engine, loader, valid_loader, checkpointer, logger, flops, start_step, lock)
 
 
@@ -125,10 +137,12 @@ class Settled:
 
     ds: dict[str, Any]  # the resolved DeepSpeed config
     data_dir: Path
-    train_set: PackedDataset
-    valid_set: PackedDataset
+    train_sets: list[PackedDataset]  # one per --data-path folder
+    valid_set: PackedDataset  # the first folder's
     model_cfg: BertModelConfig
     record: RunRecord  # this run, as its checkpoints will record it
+    sources: tuple[DataSource, ...]  # the --data-path folders and their weights
+    lr_schedule: WSD | None  # --lr-schedule wsd; None: the DeepSpeed JSON's scheduler
 
 
 def settle(cfg: TrainConfig) -> Settled:
@@ -139,23 +153,26 @@ def settle(cfg: TrainConfig) -> Settled:
     check_paths(cfg)
     ds_file = load_ds_config(cfg.deepspeed_config)
     data_dir, train_set, valid_set = open_data(cfg)
+    train_sets = open_blend(cfg, train_set)
+    sources = cfg.data_sources or (DataSource(1.0, str(data_dir)),)
     model_cfg = model_config(cfg, train_set.vocab_size, data_dir)
     check_layout(model_cfg, cfg.token_drop, cfg.seq_length, cfg.tensor_model_parallel_size,
                  cfg.sequence_parallel)
     world_size, tp = launch_env.discover().world_size, cfg.tensor_model_parallel_size
     check_tp_size(tp, world_size)
     device_type = "cuda" if torch.cuda.is_available() else "cpu"  # what `initialize` picks
-    ds = prepare_ds_config(cfg, ds_file, world_size // tp, device_type)
+    ds, wsd = prepare_ds_config(cfg, ds_file, world_size // tp, device_type)
     record = RunRecord(
         model=model_cfg.to_dict(), tensor_model_parallel_size=tp, world_size=world_size,
         dp_size=world_size // tp, zero_stage=zero_stage(ds), sequence_parallel=cfg.sequence_parallel,
         global_batch_size=ds["train_batch_size"], seq_length=cfg.seq_length,
         token_drop=asdict(cfg.token_drop), data_path=str(data_dir.resolve()), num_samples=len(train_set),
         tokenizer_fingerprint=train_set.metadata["tokenizer"]["fingerprint"],
-        train_config=cfg.to_dict(), deepspeed_config=ds,
+        data_mixture=[[s.weight, s.folder, len(d)] for s, d in zip(sources, train_sets)] if len(sources) > 1
+        else None, train_config=cfg.to_dict(), deepspeed_config=ds,
         segment_b_trained=None if cfg.init_hf else False)  # the loader feeds token type 0 only
     check_resume(cfg.load_dir, record)
-    return Settled(ds, data_dir, train_set, valid_set, model_cfg, record)
+    return Settled(ds, data_dir, train_sets, valid_set, model_cfg, record, sources, wsd)
 
 
 def check_paths(cfg: TrainConfig) -> None:
@@ -163,10 +180,11 @@ def check_paths(cfg: TrainConfig) -> None:
     no file): inputs exist, --save is a folder that takes files (made if missing)."""
     if cfg.model_config is not None and not Path(cfg.model_config).is_file():
         raise ValueError(f"--model-config {cfg.model_config} does not exist")
-    if cfg.data_path is not None and not Path(cfg.data_path).is_dir():
-        raise ValueError(f"--data-path {cfg.data_path} is not a directory; prepare one with "
-                         "`python -m sctd_dist.data.prepare ... --out DIR`, or omit the flag to use the "
-                         "embedded sample corpus")
+    for source in cfg.data_sources or ():
+        if not Path(source.path).is_dir():
+            raise ValueError(f"--data-path {source.path} is not a directory; prepare one with "
+                             "`python -m sctd_dist.data.prepare ... --out DIR`, or omit the flag to use "
+                             "the embedded sample corpus")
     if cfg.init_hf is not None and not Path(cfg.init_hf).is_dir():
         raise ValueError(f"--init-hf {cfg.init_hf} is not a Hugging Face model folder")
     if cfg.save is not None:
@@ -221,7 +239,7 @@ def log_resume_changes(logger: MetricsLogger, plan: ResumePlan, ctx: ParallelCon
 def open_data(cfg: TrainConfig) -> tuple[Path, PackedDataset, PackedDataset]:
     """The prepared folder and its two splits; without --data-path the embedded sample corpus,
     built on first use and cached in --data-cache."""
-    data_dir = cfg.data_path
+    data_dir = None if cfg.data_sources is None else cfg.data_sources[0].path
     if data_dir is None:
         from sctd_dist.data.sample_cache import ensure_sample_dataset
 
@@ -243,6 +261,19 @@ def open_data(cfg: TrainConfig) -> tuple[Path, PackedDataset, PackedDataset]:
     return Path(data_dir), train, valid
 
 
+def open_blend(cfg: TrainConfig, first: PackedDataset) -> list[PackedDataset]:
+    """The training splits of every --data-path folder (`first` is the first one's, opened by
+    `open_data`); a blend of folders that differ in tokenizer or sequence length is refused."""
+    sources = cfg.data_sources or ()
+    if len(sources) < 2:
+        return [first]
+    others = [PackedDataset(s.path, split="train") for s in sources[1:]]
+    splits = [first, *others]
+    check_sources(sources, [d.seq_length for d in splits],
+                  [d.metadata["tokenizer"]["fingerprint"] for d in splits])
+    return splits
+
+
 def model_config(cfg: TrainConfig, data_vocab_size: int, data_dir: Path) -> BertModelConfig:
     """The model's config, made once: a preset takes the vocabulary of the data's tokenizer; with
     --model-config or --init-hf the model keeps its own, which must hold every id of the data."""
@@ -256,16 +287,19 @@ def model_config(cfg: TrainConfig, data_vocab_size: int, data_dir: Path) -> Bert
     return model_cfg
 
 
-def prepare_ds_config(cfg: TrainConfig, ds: dict[str, Any], dp_size: int, device_type: str) -> dict[str, Any]:
-    """The DeepSpeed JSON, with CLI overrides and the run length applied, checked by DeepSpeed."""
+def prepare_ds_config(cfg: TrainConfig, ds: dict[str, Any], dp_size: int,
+                      device_type: str) -> tuple[dict[str, Any], WSD | None]:
+    """The DeepSpeed JSON, with CLI overrides and the run length applied, checked by DeepSpeed;
+    and the warmup-stable-decay schedule that replaces its scheduler (None: the JSON's own)."""
     check_device_support(ds, device_type)
     ds = resolve_batch_sizes(ds, dp_size, micro_batch=cfg.micro_batch_size,
                              global_batch=cfg.global_batch_size)
-    ds = apply_schedule(ds, cfg.lr_decay_iters or cfg.train_iters)
     if cfg.lr is not None:
-        ds.setdefault("optimizer", {}).setdefault("params", {})["lr"] = cfg.lr
+        ds = {**ds, "optimizer": {**ds.get("optimizer", {}),
+                                  "params": {**ds.get("optimizer", {}).get("params", {}), "lr": cfg.lr}}}
+    ds, wsd = apply_lr_schedule(ds, cfg.schedule, cfg.train_iters, cfg.lr_decay_iters)
     validate_with_deepspeed(ds, dp_size)
-    return ds
+    return ds, wsd
 
 
 def checkpoint_bytes(model: PretrainingModel, ctx: ParallelContext) -> int:

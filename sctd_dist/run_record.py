@@ -53,6 +53,7 @@ class RunRecord:
     data_path: str | None = None  # resolved training data folder
     num_samples: int | None = None  # rows of its training split
     tokenizer_fingerprint: str | None = None
+    data_mixture: list[Any] | None = None  # a --data-path blend: [[weight, resolved folder, rows], ...]
     train_config: dict[str, Any] | None = None  # the resolved flags
     deepspeed_config: dict[str, Any] | None = None  # the resolved DeepSpeed config
     files: dict[str, list[int]] | None = None  # [size, CRC-32] of every other file; set at save
@@ -133,6 +134,10 @@ class RunRecord:
                             f"now {current.tokenizer_fingerprint} (the same ids would mean other tokens; "
                             "use data prepared with the checkpoint's tokenizer)")
         if not self.data_switch(current):
+            rows = [[m[1], m[2]] for m in self.data_mixture or ()], [[m[1], m[2]] for m in current.data_mixture or ()]
+            if rows[0] and rows[1] and rows[0] != rows[1]:
+                refusals.append(f"the checkpoint's blend had {rows[0]} (folder, rows), now {rows[1]}: restore "
+                                "that data, or resume with the same --data-path as before")
             if _differ(self.num_samples, current.num_samples):
                 refusals.append(f"the checkpoint was trained on {self.num_samples} rows of {self.data_path}, "
                                 f"which now holds {current.num_samples}: restore that data, or resume with "
@@ -148,11 +153,14 @@ class RunRecord:
 
     def data_switch(self, current: RunRecord) -> dict[str, list[Any]]:
         """What changed in the training data since this record: {flag: [checkpoint, now]} for
-        --data-path (compared as resolved folders) and --seq-length; empty for the same data."""
-        def folder(path: str | None) -> str | None:
-            return None if path is None else str(Path(path).resolve())
+        --data-path (compared as resolved folders, a blend as its weights and resolved folders) and
+        --seq-length; empty for the same data."""
+        def folder(record: RunRecord) -> str | None:
+            if record.data_mixture:
+                return " ".join(f"{m[0]:g} {m[1]}" for m in record.data_mixture)
+            return None if record.data_path is None else str(Path(record.data_path).resolve())
 
-        changes = {"--data-path": [folder(self.data_path), folder(current.data_path)],
+        changes = {"--data-path": [folder(self), folder(current)],
                    "--seq-length": [self.seq_length, current.seq_length]}
         return {flag: pair for flag, pair in changes.items() if pair[0] != pair[1]}
 

@@ -40,13 +40,17 @@ def train_step(run: Run, step: int) -> dict[str, Any]:
     sums: dict[str, torch.Tensor] = {}
     batches = next(run.loader)
     for batch in batches:
-        out = run.engine(_to_device(batch, run.ctx.device), step=step)
+        batch = _to_device(batch, run.ctx.device)
+        sums["masked_tokens"] = sums.get("masked_tokens", 0) + (batch["labels"] >= 0).sum().float()
+        out = run.engine(batch, step=step)
         run.engine.backward(out.loss)
         run.engine.step()  # DeepSpeed updates the weights at the last micro-batch only
         for k, v in out.metrics.items():
             sums[k] = sums.get(k, 0) + v.detach().float()
-    return {**step_means(sums, len(batches), run.ctx),
-            **engine_stats(run.engine, with_model_state=step == run.start_step)}
+    means = step_means(sums, len(batches), run.ctx)
+    # the mean per micro-batch and rank, as the step's total over every rank
+    means["masked_tokens"] = round(means["masked_tokens"] * len(batches) * run.ctx.dp_size)
+    return {**means, **engine_stats(run.engine, with_model_state=step == run.start_step)}
 
 
 def evaluate(engine, model: PretrainingModel, valid_loader, iters: int, device) -> dict[str, float]:
@@ -86,7 +90,10 @@ def train(run: Run) -> dict[str, Any]:
         collective_timeout.at_step(step)
         timer.start()
         numbers = train_step(run, step)
-        logger.step(step, run.loader.consumed_samples, numbers, timer.stop(), run.step_flops(step))
+        numbers["consumed_samples_by_source"] = run.loader.consumed_samples_by_source
+        logger.step(step, run.loader.consumed_samples, numbers, timer.stop(), run.step_flops(step, numbers["masked_tokens"]))
+        for wrap in run.loader.take_events():  # a source ran out and starts a new epoch
+            logger.event("data_epoch", step=step + 1, **wrap)
         step += 1
         if cfg.eval_iters and (step % cfg.eval_interval == 0 or step == cfg.train_iters):
             logger.eval(step, evaluate(run.engine, run.model, run.valid_loader, cfg.eval_iters,

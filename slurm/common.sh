@@ -160,10 +160,12 @@ sctd_init() {
     # Containers: pyxis/enroot (srun --container-image) or Apptainer (apptainer exec per task).
     SCTD_MOUNTS=${CONTAINER_MOUNTS:-}
     if [[ -z ${CONTAINER_MOUNTS:-} ]]; then
-        local p
-        for p in "$SCTD_ROOT" "$PWD" "$LOG_DIR" "$SAVE_DIR" "${DATA_PATH:-}" "${PHASE2_DATA_PATH:-}" \
+        local p data_words=()
+        # A data path may be a weighted blend "0.7 DIR_A 0.3 DIR_B": mount its folders.
+        read -r -a data_words <<<"${DATA_PATH:-} ${PHASE2_DATA_PATH:-}"
+        for p in "$SCTD_ROOT" "$PWD" "$LOG_DIR" "$SAVE_DIR" ${data_words[@]+"${data_words[@]}"} \
             "$DATA_CACHE"; do
-            _sctd_add_mount "$p"
+            [[ $p =~ ^[0-9.eE+-]+$ ]] || _sctd_add_mount "$p"  # weights are no folders
         done
     fi
     SCTD_SRUN_CONTAINER=()
@@ -248,7 +250,9 @@ sctd_train() {
         --eval-interval "$EVAL_INTERVAL" --eval-iters "$EVAL_ITERS" --log-dir "$dir"
         --global-batch-size "$GLOBAL_BATCH_SIZE" --micro-batch-size "$SCTD_MICRO"
         --seed "$SEED" --data-cache "$DATA_CACHE" --no-progress)
-    if [[ -n $data ]]; then args+=(--data-path "$data"); fi
+    local data_args=()
+    read -r -a data_args <<<"$data"  # one folder, or "W1 DIR1 W2 DIR2 ..." (no spaces in folders)
+    if ((${#data_args[@]})); then args+=(--data-path "${data_args[@]}"); fi
     if [[ -n $load ]]; then args+=(--load "$load"); fi
     if [[ -n $LR_DECAY_ITERS ]]; then args+=(--lr-decay-iters "$LR_DECAY_ITERS"); fi
     if [[ $SEQUENCE_PARALLEL == 1 ]]; then args+=(--sequence-parallel); fi

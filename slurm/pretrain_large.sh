@@ -14,6 +14,13 @@
 # of the peak and phase 2 continues to 0.
 # One requeue-safe job runs both phases; a requeue skips whatever is complete.
 #
+# Two-phase mixture recipe (today's encoders): phase 1 at 128 tokens on a web+books blend at the
+# constant peak rate, phase 2 at 512 tokens on another blend, decaying (warmup-stable-decay):
+#   DATA_PATH="0.7 /data/web-s128 0.3 /data/books-s128" \
+#   PHASE2_DATA_PATH="0.5 /data/web-s512 0.3 /data/books-s512 0.2 /data/code-s512" \
+#   LR_SCHEDULE=wsd EXTRA_ARGS="--mlm-probability 0.3" sbatch slurm/pretrain_large.sh
+# Every folder of both blends must be prepared with one tokenizer (prepare --tokenizer DIR).
+#
 #SBATCH --job-name=sctd-bert-large
 #SBATCH --nodes=4
 #SBATCH --ntasks-per-node=1
@@ -41,12 +48,16 @@ MODEL=${MODEL:-large}
 TRAIN_ITERS=${TRAIN_ITERS:-1000000}  # the final step, phase 2 included
 PHASE2_ITERS=${PHASE2_ITERS:-100000}  # 0: phase 1 only
 LR_DECAY_ITERS=${LR_DECAY_ITERS:-$TRAIN_ITERS}  # one schedule across both phases
+# wsd: warmup, the peak, then a decay over the last WSD_DECAY_ITERS steps (default: phase 2)
+LR_SCHEDULE=${LR_SCHEDULE:-deepspeed}
+WSD_DECAY_ITERS=${WSD_DECAY_ITERS:-$((PHASE2_ITERS > 0 ? PHASE2_ITERS : TRAIN_ITERS / 10))}
 SEQ_LENGTH=${SEQ_LENGTH:-128}
 PHASE2_SEQ_LENGTH=${PHASE2_SEQ_LENGTH:-512}
 DS_CONFIG=${DS_CONFIG:-$SCTD_ROOT/ds_configs/zero2_bf16.json}
 PHASE2_DS_CONFIG=${PHASE2_DS_CONFIG:-$DS_CONFIG}
-DATA_PATH=${DATA_PATH:-}  # shards prepared at SEQ_LENGTH; empty: the sample corpus
-PHASE2_DATA_PATH=${PHASE2_DATA_PATH:-}  # shards prepared at PHASE2_SEQ_LENGTH
+# Shards prepared at SEQ_LENGTH (one folder or a blend "W1 DIR1 W2 DIR2 ..."); empty: the sample corpus
+DATA_PATH=${DATA_PATH:-}
+PHASE2_DATA_PATH=${PHASE2_DATA_PATH:-}  # shards prepared at PHASE2_SEQ_LENGTH (folder or blend)
 # Per-GPU micro-batch caps (80 GB, bf16; ScTD steps hold the activations of two passes); the
 # global batch (GLOBAL_BATCH_SIZE, 256) is the same in both phases, the rest is accumulation.
 MAX_MICRO_BATCH=${MAX_MICRO_BATCH:-32}
@@ -68,6 +79,12 @@ phase1_args=()
 phase2_args=()
 read -r -a phase1_args <<<"$PHASE1_EXTRA_ARGS"
 read -r -a phase2_args <<<"$PHASE2_EXTRA_ARGS"
+if [[ $LR_SCHEDULE == wsd ]]; then  # the same schedule in both phases: only the step moves on
+    schedule=(--lr-schedule wsd --lr-decay-start "$((TRAIN_ITERS - WSD_DECAY_ITERS))"
+        --lr-wsd-decay-iters "$WSD_DECAY_ITERS")
+    phase1_args=("${schedule[@]}" ${phase1_args[@]+"${phase1_args[@]}"})
+    phase2_args=("${schedule[@]}" ${phase2_args[@]+"${phase2_args[@]}"})
+fi
 
 sctd_train phase1 "$SAVE_DIR/phase1" "" "$PHASE1_ITERS" "$SEQ_LENGTH" "$DATA_PATH" "$DS_CONFIG" \
     "$MAX_MICRO_BATCH" ${phase1_args[@]+"${phase1_args[@]}"} "$@"

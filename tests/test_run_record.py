@@ -138,3 +138,16 @@ def test_token_dropping_and_batch_changes_are_events():
          "now": {"mode": "none", "keep_ratio": 0.5}},
         {"event": "global_batch_change", "checkpoint": 8, "now": 16}]
     assert checkpoint.check_compatible(_record(), _record()) == []
+
+
+def test_a_changed_blend_is_a_data_switch_and_a_blend_with_other_rows_is_refused():
+    blend = _record(data_path="/d/a", seq_length=128,
+                    data_mixture=[[0.75, "/d/a", 100], [0.25, "/d/b", 40]])
+    assert blend.data_switch(_record(**blend.to_dict())) == {}
+    assert blend.data_switch(_record(data_path="/d/a", seq_length=128)) == {"--data-path": ["0.75 /d/a 0.25 /d/b", "/d/a"]}
+    reweighted = _record(data_path="/d/a", seq_length=128, data_mixture=[[0.5, "/d/a", 100], [0.5, "/d/b", 40]])
+    assert blend.data_switch(reweighted) == {"--data-path": ["0.75 /d/a 0.25 /d/b", "0.5 /d/a 0.5 /d/b"]}
+    assert not blend.compare(reweighted)[0]  # another blend: a new phase, no refusal
+    grown = _record(data_path="/d/a", seq_length=128, data_mixture=[[0.75, "/d/a", 100], [0.25, "/d/b", 41]])
+    refusals, _ = blend.compare(grown)
+    assert len(refusals) == 1 and "['/d/b', 40]" in refusals[0] and "same --data-path" in refusals[0]

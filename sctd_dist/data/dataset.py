@@ -10,7 +10,7 @@ import numpy as np
 
 from sctd_dist.special_tokens import SpecialTokenIds
 
-from .tokenizer import check_vocab_loaded, special_token_ids, tokenizer_fingerprint
+from .tokenizer import check_vocab_loaded, tokenizer_fingerprint
 
 FORMAT = "sctd-dist-packed"
 FORMAT_VERSION = 1

@@ -18,16 +18,17 @@ reads it to run attention without a mask on packed batches, without a device syn
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
 from .dataset import PackedDataset
 from .masking import IGNORE_INDEX, MaskingConfig, mask_rows, masked_positions
+from .mixture import Blend
+from .sampler import check_batch_sizes, step_positions
 
 # Batch entries that stay on the host when a batch moves to its device.
 HOST_KEYS = frozenset({"padded"})
-from .sampler import SampleStream, check_batch_sizes, step_positions
 
 
 def _word_start_table(dataset: PackedDataset, masking: MaskingConfig) -> np.ndarray | None:
@@ -77,11 +78,15 @@ class _Masker:
 
 
 class PretrainingDataLoader:
-    """Training batches of one DP rank (see the module docstring and `sampler.py`)."""
+    """Training batches of one DP rank (see the module docstring and `sampler.py`).
+
+    `dataset` is one prepared split, or several blended with `weights` (`mixture.py` decides
+    which source and which row each sample is; `names` are the folders as given, the keys of
+    `consumed_samples_by_source`)."""
 
     def __init__(
         self,
-        dataset: PackedDataset,
+        dataset: PackedDataset | Sequence[PackedDataset],
         *,
         global_batch_size: int,
         micro_batch_size: int,
@@ -90,43 +95,73 @@ class PretrainingDataLoader:
         seed: int,
         consumed_samples: int = 0,
         masking: MaskingConfig = MaskingConfig(),
+        weights: Sequence[float] | None = None,
+        names: Sequence[str] | None = None,
     ):
         self.grad_accum = check_batch_sizes(global_batch_size, micro_batch_size, dp_size)
         if not 0 <= dp_rank < dp_size:
             raise ValueError(f"dp_rank must be in [0, {dp_size}), got {dp_rank}")
         if consumed_samples < 0:
             raise ValueError(f"consumed_samples must be >= 0, got {consumed_samples}")
-        self.dataset = dataset
+        self.sources = [dataset] if isinstance(dataset, PackedDataset) else list(dataset)
+        self.dataset = self.sources[0]
+        self.names = list(names) if names is not None else [str(d.data_dir) for d in self.sources]
         self.global_batch_size = global_batch_size
         self.micro_batch_size = micro_batch_size
         self.dp_rank = dp_rank
         self.dp_size = dp_size
         self.seed = seed
-        self.stream = SampleStream(len(dataset), global_batch_size, seed)
-        self._mask = _Masker(dataset, seed, masking)
+        self.blend = Blend([len(d) for d in self.sources], weights or [1.0] * len(self.sources), seed,
+                           global_batch_size)
+        self.stream = self.blend.streams[0]
+        self._maskers = [_Masker(d, s, masking) for d, s in zip(self.sources, self.blend.seeds)]
+        self._mask = self._maskers[0]
         self.consumed_samples = int(consumed_samples)
+        self._events: list[dict[str, Any]] = []
 
     @property
     def epoch(self) -> int:
-        """The epoch the next step draws from."""
-        return self.stream.epoch_of(self.consumed_samples)
+        """The epoch the next step draws from (of the first source, for a blend)."""
+        return self.blend.epochs(self.consumed_samples)[0]
 
     @property
     def steps_per_epoch(self) -> int:
         return self.stream.samples_per_epoch // self.global_batch_size
 
+    @property
+    def mixture(self) -> list[list[Any]]:
+        """[[weight, folder as given], ...] (one folder: weight 1)."""
+        return [[w, n] for w, n in zip(self.blend.weights, self.names)]
+
+    @property
+    def consumed_samples_by_source(self) -> dict[str, int]:
+        """Samples each folder has given so far, keyed by the folder as given."""
+        return {n: int(c) for n, c in zip(self.names, self.blend.consumed(self.consumed_samples))}
+
+    def _positions(self, consumed_samples: int) -> np.ndarray:
+        return step_positions(consumed_samples, global_batch_size=self.global_batch_size,
+                              micro_batch_size=self.micro_batch_size, dp_rank=self.dp_rank,
+                              dp_size=self.dp_size)
+
     def sample_indices_for_step(self, consumed_samples: int) -> tuple[np.ndarray, np.ndarray]:
-        """(dataset rows, epochs) of this rank for the step at `consumed_samples`, each [accum, micro]."""
-        positions = step_positions(consumed_samples, global_batch_size=self.global_batch_size,
-                                   micro_batch_size=self.micro_batch_size, dp_rank=self.dp_rank,
-                                   dp_size=self.dp_size)
-        return self.stream.rows(positions)
+        """(dataset rows, epochs) of this rank for the step at `consumed_samples`, each [accum, micro]
+        (rows of the source `sources_for_step` names, for a blend)."""
+        _, rows, epochs = self.blend.locate(self._positions(consumed_samples))
+        return rows, epochs
+
+    def sources_for_step(self, consumed_samples: int) -> np.ndarray:
+        """The source index of each of this rank's samples of the step, [accum, micro]."""
+        return self.blend.locate(self._positions(consumed_samples))[0]
 
     def batches_for_step(self, consumed_samples: int) -> list[dict[str, Any]]:
         """The `grad_accum` micro-batches of this rank for the step that starts at `consumed_samples`."""
-        rows, epochs = self.sample_indices_for_step(consumed_samples)
-        tokens = self.dataset.get_rows(rows.reshape(-1))
-        inputs, labels = self._mask(tokens, epochs.reshape(-1), rows.reshape(-1))
+        source, rows, epochs = (a.reshape(-1) for a in self.blend.locate(self._positions(consumed_samples)))
+        inputs = np.empty((rows.size, self.dataset.seq_length), dtype=np.int64)
+        labels = np.empty_like(inputs)
+        for s in np.unique(source):
+            sel = source == s
+            tokens = self.sources[s].get_rows(rows[sel])
+            inputs[sel], labels[sel] = self._maskers[s](tokens, epochs[sel], rows[sel])
         m = self.micro_batch_size
         pad = self.dataset.special_ids.pad
         return [_to_batch(inputs[j * m:(j + 1) * m], labels[j * m:(j + 1) * m], pad)
@@ -137,9 +172,13 @@ class PretrainingDataLoader:
         (they run attention with a mask; the others without), read from the rows alone."""
         pad, m, padded, total = self.dataset.special_ids.pad, self.micro_batch_size, 0, 0
         for step in range(max(steps, 0)):
-            rows, _ = self.sample_indices_for_step(self.consumed_samples + step * self.global_batch_size)
-            tokens = self.dataset.get_rows(rows.reshape(-1))
-            per_micro = (tokens == pad).any(axis=1).reshape(-1, m).any(axis=1)
+            positions = self._positions(self.consumed_samples + step * self.global_batch_size)
+            source, rows, _ = (a.reshape(-1) for a in self.blend.locate(positions))
+            has_pad = np.empty(rows.size, dtype=bool)
+            for s in np.unique(source):
+                sel = source == s
+                has_pad[sel] = (self.sources[s].get_rows(rows[sel]) == pad).any(axis=1)
+            per_micro = has_pad.reshape(-1, m).any(axis=1)
             padded, total = padded + int(per_micro.sum()), total + per_micro.size
         return padded / total if total else 0.0
 
@@ -148,23 +187,66 @@ class PretrainingDataLoader:
 
     def __next__(self) -> list[dict[str, Any]]:
         batches = self.batches_for_step(self.consumed_samples)
+        before = self.blend.epochs(self.consumed_samples)
         self.consumed_samples += self.global_batch_size
+        after = self.blend.epochs(self.consumed_samples)
+        self._events += [{"source": n, "epoch": e, "consumed_samples": self.consumed_samples}
+                         for n, b, e in zip(self.names, before, after) if e != b]
         return batches
+
+    def take_events(self) -> list[dict[str, Any]]:
+        """The sources that started a new epoch since the last call (`data_epoch` events)."""
+        events, self._events = self._events, []
+        return events
 
     def state_dict(self) -> dict[str, Any]:
         """What a checkpoint needs to resume at exactly the next sample."""
-        return {"consumed_samples": self.consumed_samples, "epoch": self.epoch, "seed": self.seed,
-                "global_batch_size": self.global_batch_size, "num_samples": len(self.dataset),
-                "data_path": _folder(self.dataset)}
+        state = {"consumed_samples": self.consumed_samples, "epoch": self.epoch, "seed": self.seed,
+                 "global_batch_size": self.global_batch_size, "num_samples": len(self.dataset),
+                 "data_path": _folder(self.dataset)}
+        if self.blend.blended:
+            state["mixture"] = {"weights": list(self.blend.weights), "folders": self._folders(),
+                                "num_samples": list(self.blend.sizes), "start": self.blend.start,
+                                "offsets": [int(o) for o in self.blend.offsets]}
+        state["source_positions"] = dict(zip(self._folders(),
+                                             map(int, self.blend.consumed(self.consumed_samples))))
+        return state
+
+    def _folders(self) -> list[str]:
+        return [_folder(d) for d in self.sources]
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Resume from `state_dict()` output: set the position, nothing else. Whether the data,
         seed and batch may differ from the checkpoint's is decided, and said, once, by the resume
-        plan (`RunRecord.compare`); the DP size and micro batch may differ."""
+        plan (`RunRecord.compare`); the DP size and micro batch may differ. From other data (a
+        new training phase) each folder of a new mixture that the old data held continues at its
+        own position (`carry_source_positions`)."""
+        same = self._same_data(state)
         consumed = int(state["consumed_samples"])
         if consumed < 0:
             raise ValueError(f"consumed_samples must be >= 0, got {consumed}")
         self.consumed_samples = consumed
+        if same and self.blend.blended:
+            self.blend.carry_over(state["mixture"]["start"], state["mixture"]["offsets"])
+        elif not same:
+            self.carry_source_positions(state)
+
+    def _same_data(self, state: dict[str, Any]) -> bool:
+        """Whether `state` was saved from this loader's folder or mixture (same weights)."""
+        mixture = state.get("mixture")
+        if not self.blend.blended:
+            return mixture is None and state.get("data_path", _folder(self.dataset)) == _folder(self.dataset)
+        return mixture is not None and mixture["folders"] == self._folders() and \
+            np.allclose(mixture["weights"], self.blend.weights, rtol=0, atol=1e-12)
+
+    def carry_source_positions(self, state: dict[str, Any]) -> None:
+        """After a data switch to this mixture: each folder the saved data held continues at its
+        saved position, the others start at their first sample, and the blend begins at this
+        loader's `consumed_samples`. A single folder keeps the global position (as before)."""
+        if not self.blend.blended:
+            return
+        saved = state.get("source_positions") or {state.get("data_path"): state.get("consumed_samples", 0)}
+        self.blend.carry_over(self.consumed_samples, [int(saved.get(f, 0)) for f in self._folders()])
 
 
 def _folder(dataset: PackedDataset) -> str:

@@ -80,6 +80,7 @@ def prepare_corpus(
     shard_bytes: int = SHARD_TARGET_BYTES,
     datasets_cache_dir: str | Path | None = None,
     progress: bool = True,
+    encoding_errors: str = "strict",
 ) -> Path:
     """Tokenize and pack `inputs` into `out_dir` (see the module docstring); returns `out_dir`.
 
@@ -95,7 +96,7 @@ def prepare_corpus(
     out = Path(out_dir).expanduser()
     out.mkdir(parents=True, exist_ok=True)
     sources = load_sources(list(inputs), text_column=text_column, text_sample_by=text_sample_by,
-                           cache_dir=datasets_cache_dir)
+                           cache_dir=datasets_cache_dir, encoding_errors=encoding_errors)
     tasks = plan_shards(sources, shard_bytes)
     if not tasks:
         raise ValueError(f"empty corpus: the inputs {list(inputs)} hold no text")
@@ -126,6 +127,7 @@ def prepare_corpus(
     records = _pack(out, tasks, plan, seq_length * dtype.itemsize, sources, worker_settings, num_proc, progress)
     meta = build_metadata(out, settings, plan, records, tasks, tok_desc, fingerprint, specials, vocab_size,
                           training, list(inputs))
+    meta["encoding_errors"] = encoding_errors
     _finish(out, meta, time.perf_counter() - t_start)
     return out
 
@@ -181,6 +183,9 @@ class PrepareConfig:
     max_position_embeddings: int | None = flag(None, "fail early if --seq-length exceeds the model's positions")
     cased: bool = flag(False, "trained tokenizer keeps case (default: lowercase)")
     shard_mb: float = flag(SHARD_TARGET_BYTES / (1 << 20), "text per shard for large corpora (MiB)")
+    encoding_errors: str = flag("strict", "bytes that are not UTF-8 in .txt/.jsonl inputs: stop naming the "
+                                "file and byte offset, become U+FFFD (replace) or vanish (ignore)",
+                                choices=("strict", "replace", "ignore"))
     progress: bool = flag(True, "no progress bar", name="--no-progress")
 
 
@@ -203,7 +208,8 @@ def main(argv: list[str] | None = None) -> None:
             train_tokenizer_vocab=args.train_tokenizer, num_proc=args.num_proc,
             validation_fraction=args.validation_fraction, seed=args.seed, text_column=args.text_column,
             text_sample_by=args.txt_sample_by, max_position_embeddings=args.max_position_embeddings,
-            lowercase=not args.cased, shard_bytes=int(args.shard_mb * (1 << 20)), progress=args.progress)
+            lowercase=not args.cased, shard_bytes=int(args.shard_mb * (1 << 20)), progress=args.progress,
+            encoding_errors=args.encoding_errors)
     except (ValueError, FileNotFoundError) as err:
         parser.exit(2, f"error: {err}\n")
     meta = read_metadata(out)

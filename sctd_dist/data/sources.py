@@ -84,8 +84,45 @@ def _text_only(ds: Any, spec: str, text_column: str) -> Any:
     return ds.rename_column(column, "text") if column != "text" else ds
 
 
+ENCODING_ERRORS = ("strict", "replace", "ignore")  # what to do with bytes that are not UTF-8
+
+
+def first_invalid_utf8(path: Path) -> int | None:
+    """The byte offset of the first invalid UTF-8 sequence in a file (of its decompressed
+    content when compressed), or None when the whole file decodes."""
+    import codecs
+
+    import fsspec
+
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset = 0  # bytes read so far
+    with fsspec.open(str(path), "rb", compression="infer") as fh:
+        while True:
+            chunk = fh.read(1 << 20)
+            pending = len(decoder.getstate()[0])  # an incomplete sequence carried from the last chunk
+            try:
+                decoder.decode(chunk, final=not chunk)
+            except UnicodeDecodeError as err:
+                return offset - pending + err.start
+            if not chunk:
+                return None
+            offset += len(chunk)
+
+
+def _encoding_error(group: list[Path], spec: str) -> ValueError | None:
+    """A one-line error naming the first file of `group` that is not UTF-8, and where."""
+    for f in group:
+        offset = first_invalid_utf8(f)
+        if offset is not None:
+            where = " of its decompressed text" if f.suffix.lower() in _COMPRESSION else ""
+            return ValueError(f"input {spec}: {f} is not valid UTF-8 at byte {offset}{where}; fix the file, "
+                              "or pass --encoding-errors replace (bad bytes become U+FFFD) or ignore "
+                              "(they are dropped)")
+    return None
+
+
 def _load_files(files: list[Path], spec: str, text_column: str, text_sample_by: str,
-                cache_dir: str | None) -> list[Source]:
+                cache_dir: str | None, encoding_errors: str = "strict") -> list[Source]:
     import datasets
 
     groups: dict[str, list[Path]] = {}
@@ -99,16 +136,24 @@ def _load_files(files: list[Path], spec: str, text_column: str, text_sample_by: 
     for builder in sorted(groups):
         group = groups[builder]
         kwargs: dict[str, Any] = {"sample_by": text_sample_by} if builder == "text" else {}
+        if builder != "parquet":  # parquet text is always UTF-8
+            kwargs["encoding_errors"] = encoding_errors
         try:
             ds = datasets.load_dataset(builder, data_files=[str(f) for f in group], split="train",
                                        cache_dir=cache_dir, **kwargs)
         except Exception as err:  # malformed JSON/parquet and the like: name the files
             cause = err.__cause__ or err
+            if isinstance(cause, UnicodeDecodeError) or "codec can't decode" in str(cause):
+                bad = _encoding_error(group, spec)
+                if bad is not None:
+                    raise bad from None
             raise ValueError(f"cannot read input {spec} as {builder} ({', '.join(map(str, group[:3]))}"
                              f"{', ...' if len(group) > 3 else ''}): {cause}") from err
         desc = {"type": builder, "files": _file_stats(group)}
         if builder == "text":
             desc["sample_by"] = text_sample_by
+        if encoding_errors != "strict" and builder != "parquet":  # strict: as folders made before
+            desc["encoding_errors"] = encoding_errors
         sources.append(Source(spec, builder, _text_only(ds, spec, text_column), desc))
     return sources
 
@@ -153,10 +198,14 @@ def _load_hub(spec: str, text_column: str, cache_dir: str | None) -> Source:
 
 
 def load_sources(specs: list[str], *, text_column: str = "text", text_sample_by: str = "line",
-                 cache_dir: str | Path | None = None) -> list[Source]:
-    """Load every `--input` spec, in order, as text-only datasets (see the module docstring)."""
+                 cache_dir: str | Path | None = None, encoding_errors: str = "strict") -> list[Source]:
+    """Load every `--input` spec, in order, as text-only datasets (see the module docstring).
+    `encoding_errors` is what bytes that are not UTF-8 in .txt/.jsonl files do: stop the run
+    naming file and byte offset (strict), become U+FFFD (replace) or vanish (ignore)."""
     if not specs:
         raise ValueError("no --input given")
+    if encoding_errors not in ENCODING_ERRORS:
+        raise ValueError(f"--encoding-errors must be one of {', '.join(ENCODING_ERRORS)}, got {encoding_errors!r}")
     if text_sample_by not in ("line", "paragraph", "document"):
         raise ValueError(f"text_sample_by must be line, paragraph or document, got {text_sample_by!r}")
     cache = str(cache_dir) if cache_dir is not None else None
@@ -164,7 +213,7 @@ def load_sources(specs: list[str], *, text_column: str = "text", text_sample_by:
     for spec in specs:
         path = Path(spec).expanduser()
         if path.is_file():
-            sources += _load_files([path.resolve()], spec, text_column, text_sample_by, cache)
+            sources += _load_files([path.resolve()], spec, text_column, text_sample_by, cache, encoding_errors)
         elif path.is_dir():
             if _is_saved_dataset(path):
                 sources.append(_load_saved(path, spec, text_column))
@@ -173,13 +222,13 @@ def load_sources(specs: list[str], *, text_column: str = "text", text_sample_by:
             if not files:
                 raise FileNotFoundError(f"input folder {spec} holds no {'/'.join(SUPPORTED_SUFFIXES)} "
                                         "files and is not a save_to_disk dataset")
-            sources += _load_files(files, spec, text_column, text_sample_by, cache)
+            sources += _load_files(files, spec, text_column, text_sample_by, cache, encoding_errors)
         elif glob.has_magic(spec):
             files = sorted(Path(p).resolve() for p in glob.glob(os.path.expanduser(spec), recursive=True)
                            if Path(p).is_file())
             if not files:
                 raise FileNotFoundError(f"input pattern {spec} matches no files")
-            sources += _load_files(files, spec, text_column, text_sample_by, cache)
+            sources += _load_files(files, spec, text_column, text_sample_by, cache, encoding_errors)
         elif _looks_local(spec):
             raise FileNotFoundError(f"input {spec} does not exist (resolved to {path.resolve()})")
         else:

@@ -36,13 +36,14 @@ def _mask(rows, config=MaskingConfig(), seed=1, epoch=0, word_start_table=None):
                      word_start_table=word_start_table)
 
 
-def test_rates_on_100k_tokens() -> None:
+@pytest.mark.parametrize("rate", [0.15, 0.3])
+def test_rates_on_100k_tokens(rate) -> None:
     rows = _rows(1300)
-    inputs, labels = _mask(rows)
+    inputs, labels = _mask(rows, MaskingConfig(mlm_probability=rate))
     candidates = ~np.isin(rows, SPECIALS)
     assert candidates.sum() > 100_000
     selected = labels != IGNORE_INDEX
-    assert abs(selected.sum() / candidates.sum() - 0.15) < 0.01
+    assert abs(selected.sum() / candidates.sum() - rate) < 0.01
     np.testing.assert_array_equal(labels[selected], rows[selected])
     became_mask = (inputs == MASK) & selected
     unchanged = (inputs == rows) & selected

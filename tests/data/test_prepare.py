@@ -320,3 +320,27 @@ def test_cli_flags_come_from_one_declaration(tmp_path, capsys) -> None:
         main(["--input", "a.txt", "--seq-length", "64", "--out", str(tmp_path / "o")])
     assert exc.value.code == 2 and "give exactly one of --tokenizer" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()  # refused before any file was written
+
+
+def test_encoding_errors_strict_names_file_and_byte_replace_and_ignore_are_recorded(
+        tmp_path, small_texts, tokenizer_dir, hf_tokenizer, hf_cache, capsys) -> None:
+    from sctd_dist.data.prepare import main
+
+    good = ("\n".join(small_texts[:40]) + "\n").encode("utf-8")
+    text = tmp_path / "bad.txt"
+    text.write_bytes(good + b"caf\xe9 au lait\n" + "\n".join(small_texts[40:60]).encode() + b"\n")
+    with pytest.raises(SystemExit) as exit_:  # the default, strict, as the CLI reports it
+        main(["--input", str(text), "--tokenizer", str(tokenizer_dir), "--seq-length", str(SEQ),
+              "--out", str(tmp_path / "strict"), "--no-progress"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "Traceback" not in err
+    (line,) = [x for x in err.splitlines() if x.startswith("error:")]
+    assert f"{text} is not valid UTF-8 at byte {len(good) + 3}" in line and "--encoding-errors replace" in line
+    for errors, kept in (("replace", "caf\ufffd au lait"), ("ignore", "caf au lait")):
+        out = _prepare([text], tmp_path / errors, tokenizer_dir, hf_cache, encoding_errors=errors)
+        meta = read_metadata(out)
+        assert meta["encoding_errors"] == errors and meta["sources"][0]["encoding_errors"] == errors
+        expected = flat(reference_ids(hf_tokenizer, small_texts[:40] + [kept] + small_texts[40:60]))
+        ids = meta["tokenizer"]["special_ids"]
+        np.testing.assert_array_equal(strip_specials(_all_rows(out), ids["cls"], ids["sep"], ids["pad"]),
+                                      expected)
