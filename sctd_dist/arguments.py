@@ -14,6 +14,7 @@ from typing import Any, Sequence
 
 from sctd_dist.checkpoint import ON_BAD, check_writable
 from sctd_dist.flags import add_flags, flag, from_flags
+from sctd_dist.model.arch import ARCHS, hf_model_type
 from sctd_dist.model.config import PRESETS, TokenDropConfig
 from sctd_dist.typed import check_types
 
@@ -30,10 +31,17 @@ class TrainConfig:
     deepspeed_config: Path = flag(DEFAULT_DS_CONFIG, "DeepSpeed JSON (ZeRO stage, precision, optimizer, "
                                   "batch sizes)", name="--deepspeed_config", aliases=("--deepspeed-config",),
                                   group=_DATA)
+    arch: str | None = flag(None, "encoder architecture (default: bert, or the --init-hf folder's)",
+                            choices=ARCHS, group=_DATA)
     model: str = flag("tiny", "model preset", choices=sorted(PRESETS), group=_DATA)
-    model_config: Path | None = flag(None, "JSON of transformers.BertConfig fields overriding the preset",
+    model_config: Path | None = flag(None, "JSON of transformers.BertConfig (--arch bert) or "
+                                     "ModernBertConfig (--arch modernbert) fields overriding the preset",
                                      group=_DATA)
-    init_hf: Path | None = flag(None, "start from a Hugging Face BertForMaskedLM folder", group=_DATA)
+    init_hf: Path | None = flag(None, "start from a Hugging Face BertForMaskedLM or ModernBertForMaskedLM "
+                                "folder (architecture and shape from its config.json)", group=_DATA)
+    attention_within_documents: bool | None = flag(
+        None, "a token attends only to its own document of a packed row (default: on for "
+        "modernbert, off for bert)", group=_DATA)
     data_path: Path | None = flag(None, "prepared shards (default: the embedded sample corpus)", group=_DATA)
     data_cache: Path = flag(Path("data_cache"), "where the sample corpus is built when --data-path is "
                             "not given", group=_DATA)
@@ -85,6 +93,11 @@ class TrainConfig:
             )
         if self.init_hf is not None and not Path(self.init_hf).is_dir():
             raise ValueError(f"--init-hf {self.init_hf} is not a Hugging Face model folder")
+        if self.init_hf is not None:
+            folder_arch = hf_model_type(Path(self.init_hf))
+            if self.arch not in (None, folder_arch):
+                raise ValueError(f"--arch {self.arch} but --init-hf {self.init_hf} holds a {folder_arch} "
+                                 f"model; drop --arch or pass --arch {folder_arch}")
         for name in ("seq_length", "train_iters", "eval_interval"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
@@ -104,6 +117,20 @@ class TrainConfig:
             raise ValueError(f"--keep-last must be >= 1, got {self.keep_last}")
         if self.sequence_parallel and self.tensor_model_parallel_size == 1:
             raise ValueError("--sequence-parallel needs --tensor-model-parallel-size > 1")
+
+    @property
+    def model_arch(self) -> str:
+        """The architecture: --arch, else the --init-hf folder's, else bert."""
+        if self.arch is not None:
+            return self.arch
+        return hf_model_type(Path(self.init_hf)) if self.init_hf is not None else "bert"
+
+    @property
+    def within_documents(self) -> bool:
+        """--attention-within-documents, defaulting by architecture."""
+        if self.attention_within_documents is not None:
+            return self.attention_within_documents
+        return self.model_arch == "modernbert"
 
     @property
     def load_dir(self) -> Path | None:

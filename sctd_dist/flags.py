@@ -63,7 +63,9 @@ def add_flags(parser: argparse.ArgumentParser, cls: type, prefix: str = "",
         shown = "" if default is None or kind is bool else f" (default: {default})"
         options: dict[str, Any] = {"dest": prefix + f.name, "default": default,
                                    "help": f.metadata["help"] + shown}
-        if kind is bool:
+        if kind is bool and default is None:  # unset means "decided elsewhere": --x and --no-x
+            options["action"] = argparse.BooleanOptionalAction
+        elif kind is bool:
             options["action"] = "store_false" if default else "store_true"
         elif typing.get_origin(kind) is Literal:
             options.update(type=type(default), choices=list(typing.get_args(kind)))

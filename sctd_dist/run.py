@@ -30,10 +30,11 @@ from sctd_dist.ds_config import (apply_schedule, check_device_support, load_ds_c
                                  resolve_batch_sizes, validate_with_deepspeed, zero_stage)
 from sctd_dist.flops import step_flops
 from sctd_dist.metrics import MetricsLogger
-from sctd_dist.model.config import BertModelConfig
+from sctd_dist.model.arch import ModelConfig, hf_class, run_model_config
 from sctd_dist.model.pretraining import PretrainingModel, check_layout
 from sctd_dist.parallel import MegatronMPU, ParallelContext, check_tp_size, initialize, launch_env
 from sctd_dist.parallel.kernels import sdpa_backend
+from sctd_dist.special_tokens import SpecialTokenIds
 
 
 @dataclass
@@ -59,7 +60,7 @@ def build_run(cfg: TrainConfig) -> Run:
 
     ds_file = load_ds_config(cfg.deepspeed_config)
     data_dir, train_set, valid_set = open_data(cfg)
-    model_cfg = model_config(cfg, train_set.vocab_size, data_dir)
+    model_cfg = model_config(cfg, train_set.vocab_size, data_dir, train_set.special_ids)
     check_layout(model_cfg, cfg.token_drop, cfg.seq_length, cfg.tensor_model_parallel_size,
                  cfg.sequence_parallel)
     check_checkpoint_fits(cfg, model_cfg, ds_file)
@@ -72,7 +73,8 @@ def build_run(cfg: TrainConfig) -> Run:
     valid_loader = None if len(valid_set) == 0 else ValidationDataLoader(
         valid_set, micro_batch_size=micro, dp_rank=ctx.dp_rank, dp_size=ctx.dp_size, seed=cfg.seed,
         masking=masking)
-    model = PretrainingModel(model_cfg, cfg.token_drop, train_set.special_ids, ctx)
+    model = PretrainingModel(model_cfg, cfg.token_drop, train_set.special_ids, ctx,
+                             within_documents=cfg.within_documents)
     if cfg.init_hf is not None:
         _load_hf_weights(model, cfg.init_hf)
     model.to(ctx.device)
@@ -105,7 +107,7 @@ def build_run(cfg: TrainConfig) -> Run:
     return Run(cfg, ctx, model, engine, loader, valid_loader, checkpointer, logger, flops, start_step)
 
 
-def runtime_info(model_cfg: BertModelConfig, ctx: ParallelContext, seq_length: int,
+def runtime_info(model_cfg: ModelConfig, ctx: ParallelContext, seq_length: int,
                  dtype: torch.dtype, compiled: bool) -> dict[str, Any]:
     """How this run executes: the memory allocator, the attention kernel that
     scaled_dot_product_attention picks for the layers' shapes (flash / efficient / math), and
@@ -119,7 +121,7 @@ def runtime_info(model_cfg: BertModelConfig, ctx: ParallelContext, seq_length: i
     return {"allocator": allocator_in_use(), "sdpa_backend": backend, "compile": compiled}
 
 
-def check_checkpoint_fits(cfg: TrainConfig, model_cfg: BertModelConfig, ds: dict[str, Any]) -> None:
+def check_checkpoint_fits(cfg: TrainConfig, model_cfg: ModelConfig, ds: dict[str, Any]) -> None:
     """Refuse a checkpoint in --load that this run cannot load, before any process group exists
     (the layout comes from the launcher's variables)."""
     world_size = launch_env.discover().world_size
@@ -183,13 +185,12 @@ def open_data(cfg: TrainConfig) -> tuple[Path, PackedDataset, PackedDataset]:
     return Path(data_dir), train, valid
 
 
-def model_config(cfg: TrainConfig, data_vocab_size: int, data_dir: Path) -> BertModelConfig:
+def model_config(cfg: TrainConfig, data_vocab_size: int, data_dir: Path,
+                 special: SpecialTokenIds | None = None) -> ModelConfig:
     """The model's config, made once: a preset takes the vocabulary of the data's tokenizer; with
     --model-config or --init-hf the model keeps its own, which must hold every id of the data."""
-    own_vocab = cfg.model_config is not None or cfg.init_hf is not None
-    model_cfg = BertModelConfig.from_preset(
-        cfg.model, cfg.model_config, activation_checkpointing=cfg.activation_checkpointing,
-        **({} if own_vocab else {"vocab_size": data_vocab_size}))
+    model_cfg = run_model_config(cfg.model_arch, cfg.model, cfg.model_config, cfg.init_hf,
+                                 cfg.activation_checkpointing, data_vocab_size, special)
     if model_cfg.vocab_size < data_vocab_size:
         raise ValueError(f"vocab_size {model_cfg.vocab_size} of the model is smaller than the "
                          f"tokenizer's {data_vocab_size} in {data_dir}; fix --model-config")
@@ -216,7 +217,7 @@ def checkpoint_bytes(model: PretrainingModel, ctx: ParallelContext) -> int:
     return 16 * params * ctx.tp_size
 
 
-def run_record(cfg: TrainConfig, model_cfg: BertModelConfig, ctx: ParallelContext,
+def run_record(cfg: TrainConfig, model_cfg: ModelConfig, ctx: ParallelContext,
                ds: dict[str, Any], data_dir: Path, train_set: PackedDataset) -> dict[str, Any]:
     """What a checkpoint records about the run (compared on resume; the step is added at save)."""
     return {
@@ -231,9 +232,7 @@ def run_record(cfg: TrainConfig, model_cfg: BertModelConfig, ctx: ParallelContex
 
 
 def _load_hf_weights(model: PretrainingModel, folder: Path) -> None:
-    from transformers import BertForMaskedLM as HFBertForMaskedLM
-
     from sctd_dist.hf import load_hf_state_dict
 
-    hf = HFBertForMaskedLM.from_pretrained(folder)
+    hf = hf_class(model.mlm.config).from_pretrained(folder)
     load_hf_state_dict(model.mlm, hf.state_dict())

@@ -9,7 +9,8 @@ under 1% of a training step (benchmarks/results/data_pipeline.json).
 
 Every micro-batch is a dict of int64 torch tensors of shape [micro, seq_length]:
 `input_ids` (masked), `attention_mask` (1 real token, 0 [PAD]), `token_type_ids` (zeros, no
-NSP) and `labels` (the original id where a token is predicted, -100 elsewhere).
+NSP), `labels` (the original id where a token is predicted, -100 elsewhere) and `document_ids`
+(each token's document inside its row, for attention within documents; `documents.py`).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from .dataset import PackedDataset
+from .documents import document_ids
 from .masking import IGNORE_INDEX, MaskingConfig, mask_rows
 from .sampler import SampleStream, check_batch_sizes, step_positions
 
@@ -39,7 +41,7 @@ def _word_start_table(dataset: PackedDataset, masking: MaskingConfig) -> np.ndar
     return table
 
 
-def _to_batch(inputs: np.ndarray, labels: np.ndarray, pad_id: int) -> dict[str, Any]:
+def _to_batch(inputs: np.ndarray, labels: np.ndarray, pad_id: int, sep_id: int) -> dict[str, Any]:
     import torch
 
     input_ids = torch.from_numpy(np.ascontiguousarray(inputs))
@@ -48,6 +50,7 @@ def _to_batch(inputs: np.ndarray, labels: np.ndarray, pad_id: int) -> dict[str, 
         "attention_mask": torch.from_numpy((inputs != pad_id).astype(np.int64)),
         "token_type_ids": torch.zeros_like(input_ids),
         "labels": torch.from_numpy(np.ascontiguousarray(labels)),
+        "document_ids": torch.from_numpy(document_ids(inputs, sep_id)),
     }
 
 
@@ -123,8 +126,8 @@ class PretrainingDataLoader:
         tokens = self.dataset.get_rows(rows.reshape(-1))
         inputs, labels = self._mask(tokens, epochs.reshape(-1), rows.reshape(-1))
         m = self.micro_batch_size
-        pad = self.dataset.special_ids.pad
-        return [_to_batch(inputs[j * m:(j + 1) * m], labels[j * m:(j + 1) * m], pad)
+        pad, sep = self.dataset.special_ids.pad, self.dataset.special_ids.sep
+        return [_to_batch(inputs[j * m:(j + 1) * m], labels[j * m:(j + 1) * m], pad, sep)
                 for j in range(self.grad_accum)]
 
     def __iter__(self) -> "PretrainingDataLoader":
@@ -213,7 +216,7 @@ class ValidationDataLoader:
         if real.any():
             rows = self.dataset.get_rows(idx[real])
             inputs[real], labels[real] = self._mask(rows, np.zeros(int(real.sum()), np.int64), idx[real])
-        return _to_batch(inputs, labels, specials.pad)
+        return _to_batch(inputs, labels, specials.pad, specials.sep)
 
     def __iter__(self):
         for step in range(len(self)):

@@ -41,6 +41,7 @@ import numpy as np
 
 from sctd_dist.coordination import atomic_write
 
+from .documents import BOUNDARY_RECORD
 from .dataset import FORMAT, FORMAT_VERSION, METADATA_FILE, TOKENIZER_DIR, read_metadata
 from .packing import MIN_SEQ_LENGTH, SequencePacker, is_validation_document, token_dtype
 from .tokenizer import (
@@ -486,6 +487,7 @@ def _metadata(out: Path, settings: dict, plan: str, records: dict[int, dict], ta
                       "special_ids": specials.to_dict(), "trained": training},
         "packing": "rows of [CLS] tokens [SEP]; documents separated by [SEP] and continued across "
                    "rows; [PAD] only at the end of a shard; no NSP",
+        "document_boundaries": BOUNDARY_RECORD,
         "inputs": inputs,
         "sources": settings["sources"],
         "validation_fraction": settings["validation_fraction"],

@@ -12,8 +12,10 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from sctd_dist.model.bert import BertForMaskedLM, MLMOutput
-from sctd_dist.model.config import BertModelConfig, TokenDropConfig
+from sctd_dist.model.arch import ModelConfig, build_mlm
+from sctd_dist.model.attention_masks import document_ids
+from sctd_dist.model.bert import MLMOutput
+from sctd_dist.model.config import TokenDropConfig
 from sctd_dist.model.consistency import cls_cosine, consistency_term
 from sctd_dist.model.importance import TokenImportance
 from sctd_dist.model.router import Routing, num_kept, route
@@ -21,7 +23,7 @@ from sctd_dist.parallel.state import ParallelContext
 from sctd_dist.special_tokens import SpecialTokenIds
 
 
-def check_layout(model_config: BertModelConfig, drop: TokenDropConfig, seq_length: int,
+def check_layout(model_config: ModelConfig, drop: TokenDropConfig, seq_length: int,
                  tp_size: int, sequence_parallel: bool) -> None:
     """Raise ValueError when this model cannot train on sequences of `seq_length` at this
     tensor/sequence-parallel layout (all known from the flags: checked before any process group)."""
@@ -44,17 +46,21 @@ class PretrainingModel(nn.Module):
 
     def __init__(
         self,
-        model_config: BertModelConfig,
+        model_config: ModelConfig,
         drop_config: TokenDropConfig,
         special: SpecialTokenIds,
         ctx: ParallelContext | None = None,
+        within_documents: bool = False,
     ) -> None:
+        """`within_documents`: a token attends only to tokens of its own document (the
+        batch's `document_ids`, else derived from its [SEP] tokens)."""
         super().__init__()
         ctx = ctx or ParallelContext()
         self.ctx = ctx
         self.drop = drop_config
         self.special = special
-        self.mlm = BertForMaskedLM(model_config, ctx)
+        self.mlm = build_mlm(model_config, ctx)
+        self.within_documents = within_documents
         self.split_layer = (drop_config.resolve_split_layer(model_config.num_hidden_layers)
                             if drop_config.enabled else None)
         self.importance = TokenImportance(
@@ -76,7 +82,14 @@ class PretrainingModel(nn.Module):
               mlm_head: bool = True) -> MLMOutput:
         return self.mlm(batch["input_ids"], batch["attention_mask"],
                         batch["labels"] if mlm_head else None, batch.get("token_type_ids"),
-                        routing=routing, split_layer=self.split_layer, return_cls=want_cls)
+                        routing=routing, split_layer=self.split_layer, return_cls=want_cls,
+                        document_ids=self._documents(batch))
+
+    def _documents(self, batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        if not self.within_documents:
+            return None
+        docs = batch.get("document_ids")
+        return document_ids(batch["input_ids"], self.special.sep) if docs is None else docs
 
     def forward(self, batch: dict[str, torch.Tensor], step: int = 0) -> StepOutput:
         """Loss of one micro-batch at optimizer step `step` (training mode).
@@ -130,7 +143,7 @@ class PretrainingModel(nn.Module):
         """`torch.compile` each encoder layer in place (see `sctd_dist.parallel.kernels`)."""
         from sctd_dist.parallel.kernels import compile_each
 
-        return compile_each(self.mlm.bert.encoder.layer)
+        return compile_each(self.mlm.encoder_layers)
 
     def update_importance(self) -> None:
         """Fold this optimizer step's masked-token losses into the importance table (all ranks)."""

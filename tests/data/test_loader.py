@@ -41,7 +41,7 @@ def test_batch_contents(prepared) -> None:
     assert ld.grad_accum == 2 and len(batches) == 2 and ld.consumed_samples == G
     rows, epochs = ld.sample_indices_for_step(0)
     for j, b in enumerate(batches):
-        assert set(b) == {"input_ids", "attention_mask", "token_type_ids", "labels"}
+        assert set(b) == {"input_ids", "attention_mask", "token_type_ids", "labels", "document_ids"}
         for t in b.values():
             assert t.shape == (6, ds.seq_length) and t.dtype == torch.int64
         original = torch.from_numpy(ds.get_rows(rows[j]))
