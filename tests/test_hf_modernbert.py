@@ -25,7 +25,6 @@ def ctx1():
 
 
 def test_init_hf_then_export_round_trips(tmp_path, ctx1):
-    from transformers import AutoModelForQuestionAnswering, AutoModelForSequenceClassification
     from transformers import ModernBertForMaskedLM
 
     from sctd_dist.hf import gather_hf_state_dict, save_hf
@@ -52,10 +51,12 @@ def test_init_hf_then_export_round_trips(tmp_path, ctx1):
         before = hf_model(CFG, STATE)(**inputs).logits
         after = loaded.eval()(**inputs).logits
     assert (after - before).abs().max() <= 1e-5
-    # Fine-tuning loads it through transformers' Auto classes, the encoder weights from the file.
-    for auto in (AutoModelForSequenceClassification, AutoModelForQuestionAnswering):
-        task, info = auto.from_pretrained(out, output_loading_info=True)
-        assert not [k for k in info["missing_keys"] if k.startswith("model.")]
+    # sctd_dist.finetune loads it (transformers' Auto classes), every encoder weight checked.
+    from sctd_dist.finetune.weights import ModelSource, load_task_model
+
+    for kind in ("classification", "qa"):
+        task, fresh = load_task_model(ModelSource(out, out), kind, 3)
+        assert all(not k.startswith("model.") for k in fresh), fresh
         assert torch.equal(task.model.layers[1].attn.Wqkv.weight, STATE["model.layers.1.attn.Wqkv.weight"])
 
 
