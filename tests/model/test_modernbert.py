@@ -194,3 +194,46 @@ def test_presets_equal_transformers_modernbert():
     assert [large.is_global(i) for i in range(4)] == [True, False, False, True]
     with pytest.raises(ValueError, match="global_attn_every_nlayers"):
         ModernBertModelConfig.from_preset("tiny", {"global_attn_every_nlayers": 2})
+
+
+def test_every_layer_phase_compiles_in_one_graph(ctx1):
+    """`--compile`: the full, split and kept-only layers each trace as one graph, no break."""
+    import torch._dynamo as dynamo
+
+    from sctd_dist.model.router import route
+
+    model = ours(ctx1)
+    calls = []
+    hooks = [model.model.layers[i].register_forward_pre_hook(  # full, split, kept-only at split 1
+        lambda mod, args, kwargs: calls.append((mod, args, kwargs)), with_kwargs=True) for i in (0, 1, 2)]
+    routing = route(BATCH["input_ids"], BATCH["attention_mask"], _importance(), 0.5)
+    model(**BATCH, routing=routing, split_layer=1, document_ids=DOCS)
+    for hook in hooks:
+        hook.remove()
+    assert len(calls) == 3
+    for layer, args, kwargs in calls:
+        explained = dynamo.explain(layer)(*args, **kwargs)
+        assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+
+
+def test_activation_checkpointing_replays_the_same_step(ctx1):
+    """Recomputing each layer in backward (dropout on) gives the same loss and gradients."""
+    from sctd_dist.hf import load_hf_state_dict
+    from sctd_dist.model.modernbert import ModernBertForMaskedLM
+    from sctd_dist.model.router import route
+
+    routing = route(BATCH["input_ids"], BATCH["attention_mask"], _importance(), 0.5)
+    results = []
+    for recompute in (False, True):
+        cfg = modern_config(attention_dropout=0.1, mlp_dropout=0.1, embedding_dropout=0.1,
+                            activation_checkpointing=recompute)
+        model = ModernBertForMaskedLM(cfg, ctx1).train()
+        load_hf_state_dict(model, STATE)
+        torch.manual_seed(5)
+        out = model(**BATCH, routing=routing, split_layer=1, document_ids=DOCS)
+        out.loss.backward()
+        results.append((out.loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (loss_a, grads_a), (loss_b, grads_b) = results
+    assert torch.equal(loss_a, loss_b)
+    for name, g in grads_a.items():
+        torch.testing.assert_close(grads_b[name], g, rtol=1e-6, atol=1e-7, msg=name)
