@@ -76,7 +76,6 @@ class Arm:
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
         self.opt.step()
         self.sched.step()
-        self.model.update_importance()
         loss = float(torch.stack(losses).mean())
         self.step += 1
         self.train_s += time.perf_counter() - t0
@@ -101,7 +100,7 @@ def build(args, device: torch.device):
     the sample corpus)."""
     from sctd_dist.data.dataset import PackedDataset
     from sctd_dist.data.loader import PretrainingDataLoader, ValidationDataLoader
-    from sctd_dist.data.prepare import ensure_sample_dataset
+    from sctd_dist.data.sample_cache import ensure_sample_dataset
     from sctd_dist.model.config import BertModelConfig
 
     data_dir = args.data_path or ensure_sample_dataset(args.data_cache, seq_length=args.seq_length,

@@ -172,7 +172,7 @@ def main() -> None:
     parser.add_argument("--loader-steps", type=int, default=50)
     args = parser.parse_args()
 
-    from sctd_dist.data.prepare import ensure_sample_dataset
+    from sctd_dist.data.sample_cache import ensure_sample_dataset
     from sctd_dist.data.sample import write_sample_corpus
 
     work = Path(tempfile.mkdtemp(prefix="sctd_data_bench_"))

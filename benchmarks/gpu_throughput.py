@@ -376,7 +376,7 @@ def table(arms: list[dict[str, Any]]) -> str:
 def prepare_data(cache: Path, seqs: list[int]) -> None:
     """Build the embedded sample corpus at every length here, once, before any arm: the arms
     then only read the cache, and no arm's start-up includes a corpus build."""
-    from sctd_dist.data.prepare import ensure_sample_dataset
+    from sctd_dist.data.sample_cache import ensure_sample_dataset
 
     for seq in seqs:
         t0 = time.perf_counter()

@@ -1,7 +1,7 @@
 """Training-step time of token-dropping modes none / vanilla / sctd, against the FLOP theory.
 
-One step = zero_grad + PretrainingModel.forward(batch, step) + backward + AdamW.step() +
-update_importance(), in train mode. The three modes run on three copies of the same weights,
+One step = zero_grad + PretrainingModel.forward(batch, step) (which also updates the
+importance table) + backward + AdamW.step(), in train mode. The three modes run on three copies of the same weights,
 interleaved step by step (order rotated every step) so that background load hits all alike.
 Each repeat runs one full ScTD interval (default 10 steps) per mode: for sctd that is one
 consistency step (a second, full-token pass + the KL terms) and nine plain dropping steps, and
@@ -151,7 +151,6 @@ def make_step(model, opt, batch, device):
 
     def opt_step():
         opt.step()
-        model.update_importance()
 
     def step(i):
         t_fb, c_fb = common.timed2(lambda: fwd_bwd(i), device)
@@ -360,7 +359,7 @@ def main(argv=None) -> int:
     print(md)
     print(f"\nwall time {wall:.0f} s")
     payload = {"benchmark": "token_drop", "environment": env, "settings": dict(vars(args)),
-               "step": "zero_grad + forward(batch, step) + backward + AdamW.step + update_importance",
+               "step": "zero_grad + forward(batch, step) (which updates the importance table) + backward + AdamW.step",
                "wall_s": wall, "cases": cases, "markdown": md}
     common.write_json(args, "token_drop" if args.arch == "bert" else f"token_drop_{args.arch}", payload)
     return 0

@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     env = common.environment(argparse.Namespace(quick=args.quick), torch.device("cpu"))
     cache = args.work_dir / "data_cache"
-    from sctd_dist.data.prepare import ensure_sample_dataset
+    from sctd_dist.data.sample_cache import ensure_sample_dataset
 
     ensure_sample_dataset(cache, seq_length=args.seq_length)
     base = ["--deepspeed_config", str(args.ds_config), "--arch", args.arch, "--model", args.model,

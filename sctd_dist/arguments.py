@@ -2,7 +2,7 @@
 
 Each flag is one field of `TrainConfig` (or of its `TokenDropConfig`), declared once with its
 default and help text; the parser is generated from those fields (`sctd_dist.flags`). Flag
-values that can be checked alone are checked here, before any process starts working.
+values that can be checked alone are checked here; parsing touches no file.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from sctd_dist.checkpoint import ON_BAD, check_writable
+from sctd_dist.checkpoint import ON_BAD
 from sctd_dist.flags import add_flags, flag, from_flags
 from sctd_dist.model.arch import ARCHS, hf_model_type
 from sctd_dist.model.config import PRESETS, TokenDropConfig
@@ -81,23 +81,9 @@ class TrainConfig:
         self.validate()
 
     def validate(self) -> None:
-        """Raise ValueError naming the flag to change."""
+        """Raise ValueError naming the flag to change (values only: the files and folders named
+        are checked at the start of the run, `sctd_dist.run.check_paths`)."""
         check_types(self)
-        if self.model_config is not None and not Path(self.model_config).is_file():
-            raise ValueError(f"--model-config {self.model_config} does not exist")
-        if self.data_path is not None and not Path(self.data_path).is_dir():
-            raise ValueError(
-                f"--data-path {self.data_path} is not a directory; prepare one with "
-                "`python -m sctd_dist.data.prepare ... --out DIR`, or omit the flag to use the "
-                "embedded sample corpus"
-            )
-        if self.init_hf is not None and not Path(self.init_hf).is_dir():
-            raise ValueError(f"--init-hf {self.init_hf} is not a Hugging Face model folder")
-        if self.init_hf is not None:
-            folder_arch = hf_model_type(Path(self.init_hf))
-            if self.arch not in (None, folder_arch):
-                raise ValueError(f"--arch {self.arch} but --init-hf {self.init_hf} holds a {folder_arch} "
-                                 f"model; drop --arch or pass --arch {folder_arch}")
         for name in ("seq_length", "train_iters", "eval_interval"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
@@ -111,8 +97,6 @@ class TrainConfig:
             raise ValueError(f"--save-interval must be >= 1, got {self.save_interval}")
         if self.save_interval is not None and self.save is None:
             raise ValueError("--save-interval needs --save DIR")
-        if self.save is not None:
-            check_writable(Path(self.save))
         if self.keep_last is not None and self.keep_last < 1:
             raise ValueError(f"--keep-last must be >= 1, got {self.keep_last}")
         if self.sequence_parallel and self.tensor_model_parallel_size == 1:

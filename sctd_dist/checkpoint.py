@@ -26,7 +26,6 @@ as trusted as the code (see the README).
 
 from __future__ import annotations
 
-import json
 import os
 import pickle
 import random
@@ -40,16 +39,14 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from sctd_dist import reshard
-from sctd_dist.coordination import (atomic_write, barrier, is_rank0, rank, rank0_decides, say,
-                                   spread, world_size)
+from sctd_dist import reshard, run_record
+from sctd_dist.coordination import atomic_write, barrier, is_rank0, rank, say, share_work, world_size
 from sctd_dist.parallel.random import SHARDED_RNG
+from sctd_dist.run_record import RunRecord, RunRecordError
 
 LATEST = "latest"
 TAG = re.compile(r"global_step(\d+)")  # the only names `latest` may hold
-RUN_FILE = "sctd_run.json"
-FILES_KEY = "files"  # in the run record: [size, CRC-32] of every other file of the checkpoint
-RECORD_KEYS = ("step", "model", "tensor_model_parallel_size", "world_size", "zero_stage")
+RUN_FILE = run_record.FILE
 ON_BAD = ("fallback", "stop")  # what a restart does when the newest checkpoint fails to verify
 # Replicated training state that is not a parameter (the token-importance table, the data
 # position). DeepSpeed saves module buffers too, but its universal-checkpoint path does not load
@@ -57,9 +54,6 @@ ON_BAD = ("fallback", "stop")  # what a restart does when the newest checkpoint 
 STATE_FILE = "sctd_state.pt"
 # The name of the stateful object that is the data position (the training data loader).
 DATA_POSITION = "data"
-# Fields that fix parameter shapes: a checkpoint only loads into the same values.
-SHAPE_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
-                "intermediate_size", "max_position_embeddings", "type_vocab_size")
 
 
 class CheckpointError(ValueError):
@@ -190,17 +184,12 @@ def latest_tag(load_dir: Path | None) -> str | None:
     return tags[0] if tags else None
 
 
-def read_run(load_dir: Path, tag: str) -> dict[str, Any]:
+def read_run(load_dir: Path, tag: str) -> RunRecord:
     """The run record (`sctd_run.json`) of checkpoint `tag`."""
-    path = Path(load_dir) / tag / RUN_FILE
     try:
-        record = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{path} is unreadable ({first_line(exc)})") from None
-    missing = [k for k in RECORD_KEYS if not isinstance(record, dict) or k not in record]
-    if missing:
-        raise CheckpointError(f"{path} is not a run record (no {', '.join(missing)})")
-    return record
+        return run_record.read(Path(load_dir) / tag / RUN_FILE)
+    except RunRecordError as exc:
+        raise CheckpointError(str(exc)) from None
 
 
 def _checksum(path: Path) -> list[int]:
@@ -215,7 +204,7 @@ def _checksum(path: Path) -> list[int]:
 
 def checksums_of(folder: Path, names: list[str]) -> dict[str, list[int]]:
     """`{name: [size, CRC-32]}` of the named files of `folder`, each file read by one rank."""
-    return spread(lambda name: _checksum(folder / name), names)
+    return share_work(lambda name: _checksum(folder / name), names)
 
 
 def checksums(folder: Path) -> dict[str, list[int]]:
@@ -224,12 +213,12 @@ def checksums(folder: Path) -> dict[str, list[int]]:
                                        if p.is_file() and p.name != RUN_FILE))
 
 
-def verify(load_dir: Path, tag: str) -> dict[str, Any]:
+def verify(load_dir: Path, tag: str) -> RunRecord:
     """The run record of checkpoint `tag` once every file it lists is present and unchanged;
     otherwise CheckpointError naming the first bad file."""
     folder = Path(load_dir) / tag
     record = read_run(load_dir, tag)
-    saved = record.get(FILES_KEY)
+    saved = record.files
     if saved is None:  # written before sctd-dist recorded checksums: nothing to compare
         return record
     for name in sorted(saved):
@@ -259,50 +248,14 @@ def prune(save_dir: Path, keep_last: int) -> list[Path]:
     return doomed
 
 
-def compare_records(saved: dict[str, Any], current: dict[str, Any]) -> tuple[list[str], list[dict[str, Any]]]:
-    """What differs between a checkpoint's run record and this run's: (refusals, events).
-
-    A refusal makes the checkpoint unusable here (shapes, the tokenizer: token ids would
-    mean other words). An event is a deliberate change the run continues with, logged as such
-    (token dropping settings, the global batch). Records written before a field existed skip it.
-    """
-    refusals: list[str] = []
-    events: list[dict[str, Any]] = []
-    for f in SHAPE_FIELDS:
-        a, b = saved["model"].get(f), current["model"].get(f)
-        if a != b:
-            refusals.append(f"{f}: checkpoint {a}, now {b}")
-    a, b = saved.get("tokenizer_fingerprint"), current.get("tokenizer_fingerprint")
-    if a is not None and b is not None and a != b:
-        refusals.append(f"the --data-path tokenizer: checkpoint fingerprint {a}, now {b} (the same ids "
-                        "would mean other tokens; use data prepared with the checkpoint's tokenizer)")
-    for key, kind in (("token_drop", "token_drop_change"), ("global_batch_size", "global_batch_change")):
-        a, b = saved.get(key), current.get(key)
-        if a is not None and b is not None and a != b:
-            events.append({"event": kind, "checkpoint": a, "now": b})
-    return refusals, events
-
-
-def check_compatible(saved: dict[str, Any], current: dict[str, Any]) -> list[dict[str, Any]]:
+def check_compatible(saved: RunRecord, current: RunRecord) -> list[dict[str, Any]]:
     """Raise ValueError naming every difference that makes the checkpoint unusable here; return
-    the changes the run continues with (see `compare_records`)."""
-    refusals, events = compare_records(saved, current)
+    the changes the run continues with (see `RunRecord.compare`)."""
+    refusals, events = saved.compare(current)
     if refusals:
         raise ValueError("checkpoint does not fit this run (" + "; ".join(refusals) + "); restart with "
                          "the checkpoint's values or point --load/--save at a new folder")
     return events
-
-
-def data_switch(saved: dict[str, Any], current: dict[str, Any]) -> dict[str, list[Any]]:
-    """What changed in the training data since the checkpoint: {flag: [checkpoint, now]} for
-    --data-path (compared as resolved folders) and --seq-length; empty for the same data."""
-    def folder(record: dict[str, Any]) -> str | None:
-        path = record.get("data_path")
-        return None if path is None else str(Path(path).resolve())
-
-    changes = {"--data-path": [folder(saved), folder(current)],
-               "--seq-length": [saved.get("seq_length"), current.get("seq_length")]}
-    return {flag: pair for flag, pair in changes.items() if pair[0] != pair[1]}
 
 
 @dataclass(frozen=True)
@@ -312,19 +265,18 @@ class ResumePlan:
     load_dir: Path  # the folder DeepSpeed loads from (a conversion's folder when resharding)
     tag: str  # the checkpoint DeepSpeed loads there
     source_tag: str  # the checkpoint as saved, in the run's --load folder
-    saved: dict[str, Any]  # the run record of the checkpoint
+    saved: RunRecord  # the run record of the checkpoint
     universal: bool  # DeepSpeed loads a universal checkpoint (`checkpoint.load_universal`)
     layout_changed: bool  # saved at another TP x DP layout: converted, per-rank RNG streams reseeded
-    data_switch: dict[str, list[Any]]  # see `data_switch`; empty when the data is the same
+    data_switch: dict[str, list[Any]]  # see `RunRecord.data_switch`; empty when the data is the same
     warnings: tuple[str, ...] = ()  # what the restart passed over to get here, one line each
     changes: tuple[dict[str, Any], ...] = ()  # settings that differ from the checkpoint's, as events
 
 
-def check_resume(load_dir: Path | None, current: dict[str, Any]) -> None:
+def check_resume(load_dir: Path | None, current: RunRecord) -> None:
     """Refuse, before any process group exists, a checkpoint that cannot load into this run, also
-    not at another layout (ValueError). Needs only the record's model,
-    `tensor_model_parallel_size`, `dp_size` and `zero_stage`. Reads the record of the checkpoint a
-    restart tries first; verifying its files (and falling back) is `plan_resume`'s."""
+    not at another layout (ValueError). Reads the record of the checkpoint a restart tries first;
+    verifying its files (and falling back) is `plan_resume`'s."""
     tag = latest_tag(load_dir)
     if tag is None:
         return
@@ -333,11 +285,11 @@ def check_resume(load_dir: Path | None, current: dict[str, Any]) -> None:
     except CheckpointError:
         return  # plan_resume names the file and falls back or stops
     check_compatible(saved, current)
-    if reshard.layout_changed(saved, current):
+    if saved.layout_changed(current):
         reshard.check_supported(saved, current)
 
 
-def choose_checkpoint(load_dir: Path | None, on_bad: str = "fallback") -> tuple[str, dict, list[str]] | None:
+def choose_checkpoint(load_dir: Path | None, on_bad: str = "fallback") -> tuple[str, RunRecord, list[str]] | None:
     """(tag, run record, warnings) of the checkpoint to resume: the best candidate that verifies
     (`on_bad="fallback"`), or the best candidate or an error (`"stop"`). None for a new run."""
     tags, warnings = resume_candidates(load_dir)
@@ -356,30 +308,43 @@ def choose_checkpoint(load_dir: Path | None, on_bad: str = "fallback") -> tuple[
     return None
 
 
-def plan_resume(load_dir: Path | None, current: dict[str, Any], on_bad: str = "fallback",
+def plan_resume(load_dir: Path | None, current: RunRecord, on_bad: str = "fallback",
                 tp_rank: int = 0, dp_rank: int = 0) -> ResumePlan | None:
-    """Decide before the engine exists (a universal load must be set in the DeepSpeed config).
+    """Decide what a restart loads, before the engine exists (a universal load is a setting of
+    the DeepSpeed config); None for a new run. Every rank calls this once process groups exist.
 
-    A checkpoint of another TP x DP layout is converted here, once, for this rank's place in the
-    new layout (`tp_rank`, `dp_rank`); what cannot be converted raises ValueError."""
+    Verifies the checkpoint (falling back per `on_bad`), compares its record with this run's
+    (ValueError for what cannot load), and converts a checkpoint of another TP x DP layout
+    once, for this rank's place in the new layout (`tp_rank`, `dp_rank`). What the plan passes
+    over or changes is said by the caller, once (`ResumePlan.warnings`, `.changes`)."""
     chosen = choose_checkpoint(load_dir, on_bad)
     if chosen is None:
         return None
     (tag, saved, warnings), load_dir = chosen, Path(load_dir)
-    for line in warnings:
-        say(f"warning: {line}")
     changes = check_compatible(saved, current)
-    for change in changes:
-        say(f"note: {change['event']}: {change['checkpoint']} in the checkpoint, {change['now']} now")
-    moved = reshard.layout_changed(saved, current)
+    moved = saved.layout_changed(current)
     target = reshard.LoadTarget(load_dir, tag, universal=False)
     if moved:
         reshard.check_supported(saved, current)
-        target = reshard.prepare(load_dir, tag, saved, current["tensor_model_parallel_size"], tp_rank, dp_rank)
+        target = reshard.prepare(load_dir, tag, saved, current.tensor_model_parallel_size, tp_rank, dp_rank)
     return ResumePlan(load_dir=target.load_dir, tag=target.tag, source_tag=tag, saved=saved,
                       universal=target.universal, layout_changed=moved,
-                      data_switch=data_switch(saved, current), warnings=tuple(warnings),
+                      data_switch=saved.data_switch(current), warnings=tuple(warnings),
                       changes=tuple(changes))
+
+
+def resume_ds_config(plan: ResumePlan | None, ds: dict[str, Any]) -> dict[str, Any]:
+    """`ds`, set to load the planned checkpoint (a universal one is a setting of the config)."""
+    if plan is None or not plan.universal:
+        return ds
+    return {**ds, "checkpoint": {"load_universal": True}}
+
+
+def checkpoint_size(plan: ResumePlan | None, new_run_bytes: int) -> int:
+    """About the bytes of the next checkpoint: the resumed one's size, else `new_run_bytes`."""
+    if plan is None or plan.saved.files is None:
+        return new_run_bytes
+    return sum(size for size, _ in plan.saved.files.values())
 
 
 def check_writable(save_dir: Path) -> None:
@@ -428,33 +393,22 @@ class SavePolicy:
 class Checkpointer:
     """Saves and resumes one run (see the module docstring).
 
-    Made before the engine: it plans the resume at once, because a universal load is a setting
-    of the DeepSpeed config (`deepspeed_config`). `start(engine)` then loads the plan; the
-    training loop calls `after_step` once per optimizer step.
+    Made with the run's `ResumePlan` (None: a new run); no collectives, no file access.
+    `start(engine)` loads the plan; the training loop calls `after_step` once per optimizer step.
     """
 
-    def __init__(self, policy: SavePolicy, load_dir: Path | None, record: dict[str, Any],
-                 states: dict[str, Stateful], *, on_bad: str = "fallback", checkpoint_bytes: int = 0,
-                 tp_rank: int = 0, dp_rank: int = 0, keep_data_position: bool = False) -> None:
+    def __init__(self, policy: SavePolicy, load_dir: Path | None, record: RunRecord,
+                 states: dict[str, Stateful], plan: ResumePlan | None = None, *,
+                 keep_data_position: bool = False) -> None:
         self.policy = policy
         self.load_dir = None if load_dir is None else Path(load_dir)
-        self.record = record  # what this run is, compared on resume and written with each save
+        self.record = record  # what this run is, written with each save
         self.states = states
+        self.plan = plan
         # On a data switch, continue the data position (DATA_POSITION state) instead of
         # starting the new data at its first sample.
         self.keep_data_position = keep_data_position
         self.engine: Any = None
-        self.plan = plan_resume(self.load_dir, record, on_bad, tp_rank, dp_rank)
-        if self.plan is not None and FILES_KEY in self.plan.saved:  # the size of a real one
-            checkpoint_bytes = sum(size for size, _ in self.plan.saved[FILES_KEY].values())
-        if policy.save_dir is not None:
-            rank0_decides(lambda: check_free_space(Path(policy.save_dir), checkpoint_bytes))
-
-    def deepspeed_config(self, ds: dict[str, Any]) -> dict[str, Any]:
-        """`ds`, set to load the planned checkpoint."""
-        if self.plan is None or not self.plan.universal:
-            return ds
-        return {**ds, "checkpoint": {"load_universal": True}}
 
     def start(self, engine: Any) -> int:
         """Take charge of `engine`; load the planned checkpoint into it and into the stateful
@@ -475,7 +429,7 @@ class Checkpointer:
         save_dir = Path(self.policy.save_dir)
         tag = tag_for(step)
         folder = save_dir / tag
-        record = {**self.record, "step": step}
+        record = self.record.with_step(step)
 
         def fresh_folder() -> None:
             save_dir.mkdir(parents=True, exist_ok=True)
@@ -483,7 +437,7 @@ class Checkpointer:
             shutil.rmtree(folder, ignore_errors=True)
 
         def files() -> None:
-            self.engine.save_checkpoint(str(save_dir), tag=tag, client_state={"sctd_run": record},
+            self.engine.save_checkpoint(str(save_dir), tag=tag, client_state={"sctd_run": record.to_dict()},
                                         save_latest=False)
             for name, obj in self.states.items():
                 if _per_rank(obj):
@@ -493,7 +447,7 @@ class Checkpointer:
                             if not _per_rank(obj)}, folder / STATE_FILE)
 
         def commit() -> None:
-            atomic_write(folder / RUN_FILE, json.dumps({**record, FILES_KEY: sums}, indent=2, sort_keys=True))
+            run_record.write(folder / RUN_FILE, record.with_step(step, sums))
             atomic_write(save_dir / LATEST, tag)
 
         self._agree_or_undo(fresh_folder if is_rank0() else None, folder)
@@ -514,7 +468,7 @@ class Checkpointer:
                 work()
             except Exception as exc:  # OSError, torch's RuntimeError("... file write failed"), ...
                 error = first_line(exc)
-        errors = [e for e in spread(lambda _: error, list(range(world_size()))).values() if e]
+        errors = [e for e in share_work(lambda _: error, list(range(world_size()))).values() if e]
         if not errors:
             return
         if is_rank0():
@@ -558,4 +512,4 @@ class Checkpointer:
                     raise CheckpointError(f"{own} is missing: this rank's state cannot be restored at an "
                                           "unchanged layout; restore the file or resume an older checkpoint")
                 obj.load_state_dict(load_state_file(own))
-        return int(plan.saved["step"])
+        return plan.saved.step

@@ -52,17 +52,6 @@ def barrier() -> None:
         dist.barrier()
 
 
-def rank0_first(fn: Callable[[], T]) -> T:
-    """Run `fn` on rank 0, then, once it has finished, on every other rank.
-
-    For work whose first run creates something the later runs find (a folder, a converted
-    checkpoint): only one process creates it, the others see it complete.
-    """
-    result = fn() if is_rank0() else None
-    barrier()
-    return result if is_rank0() else fn()  # type: ignore[return-value]
-
-
 def atomic_write(path: str | Path, data: str | bytes) -> Path:
     """Replace `path` with `data` (str: UTF-8) so that readers see the old or the new content,
     never a part: write a temporary file beside it, flush it to disk, rename it over `path`,
@@ -82,7 +71,7 @@ def atomic_write(path: str | Path, data: str | bytes) -> Path:
     return path
 
 
-def spread(fn: Callable[[T], Any], items: list[T]) -> dict[T, Any]:
+def share_work(fn: Callable[[T], Any], items: list[T]) -> dict[T, Any]:
     """`{item: fn(item)}` for every item, each computed on one rank (round robin) and shared
     with all: for per-file work such as checksums, which no rank should do alone."""
     mine = {item: fn(item) for i, item in enumerate(items) if i % world_size() == rank()}

@@ -11,18 +11,20 @@ a CPU, without the job's GPUs.
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 import torch
 
-from sctd_dist import checkpoint
+from sctd_dist import checkpoint, run_record
+from sctd_dist.flags import add_flags, flag, from_flags
 from sctd_dist.hf import merge_shards, save_hf
 from sctd_dist.model.arch import HF_CLASSES, ModelConfig, arch_of, config_from_dict
+from sctd_dist.run_record import RunRecord
 
 _PREFIX = "mlm."  # the BERT inside PretrainingModel
 
@@ -48,7 +50,8 @@ def _tp_rank_state(folder: Path, tp_rank: int, zero_stage: int) -> dict[str, tor
     return {k[len(_PREFIX):]: v.float() for k, v in state.items() if k.startswith(_PREFIX)}
 
 
-def consolidate(checkpoint_dir: Path, tag: str | None = None) -> tuple[dict[str, torch.Tensor], ModelConfig, dict]:
+def consolidate(checkpoint_dir: Path, tag: str | None = None) -> tuple[dict[str, torch.Tensor], ModelConfig,
+                                                                        RunRecord]:
     """(Hugging Face state dict, model config, run record) of a checkpoint."""
     checkpoint_dir = Path(checkpoint_dir)
     tag = tag or checkpoint.latest_tag(checkpoint_dir)
@@ -58,17 +61,16 @@ def consolidate(checkpoint_dir: Path, tag: str | None = None) -> tuple[dict[str,
     if not (folder / checkpoint.RUN_FILE).is_file():
         raise ValueError(f"{folder} is not a complete sctd-dist checkpoint")
     run = checkpoint.verify(checkpoint_dir, tag)  # names a missing, truncated or garbled file
-    cfg = config_from_dict(run["model"])
-    tp = run["tensor_model_parallel_size"]
-    shards = [_tp_rank_state(folder, r, run["zero_stage"]) for r in range(tp)]
+    cfg = config_from_dict(run.model)
+    shards = [_tp_rank_state(folder, r, run.zero_stage) for r in range(run.tensor_model_parallel_size)]
     return merge_shards(shards, cfg), cfg, run
 
 
-def find_data_dir(run: dict, checkpoint_dir: Path) -> Path | None:
+def find_data_dir(run: RunRecord, checkpoint_dir: Path) -> Path | None:
     """The run's data folder (for its tokenizer). Older run records hold the path as given on the
     command line: a relative one is tried against the working directory, then beside the
     checkpoint folder."""
-    data_path = run.get("data_path")
+    data_path = run.data_path
     if not data_path:
         return None
     path = Path(data_path)
@@ -104,27 +106,34 @@ def export(checkpoint_dir: Path, out: Path, tag: str | None = None, *, overwrite
         from sctd_dist.data.dataset import load_tokenizer
 
         tokenizer = load_tokenizer(data_dir)
-    elif run.get("data_path"):
-        print(f"warning: the run's data folder {run['data_path']} is not found: no tokenizer written "
+    elif run.data_path:
+        print(f"warning: the run's data folder {run.data_path} is not found: no tokenizer written "
               f"to {out}", file=sys.stderr)
     out = save_hf(state, cfg, out, tokenizer)
-    (out / "sctd_run.json").write_text(json.dumps(run, indent=2, sort_keys=True))
+    run_record.write(out / run_record.FILE, run)
     return out
+
+
+@dataclass
+class ExportConfig:
+    """The flags of `python -m sctd_dist.export`."""
+
+    checkpoint: Path = flag(help="the --save folder of a run")
+    out: Path = flag(help="the Hugging Face folder to write")
+    tag: str | None = flag(None, "checkpoint tag (default: the newest complete one)")
+    overwrite: bool = flag(False, "replace the model in an existing --out folder")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="sctd_dist.export", description=__doc__.split("\n\n")[1])
-    p.add_argument("--checkpoint", type=Path, required=True, help="the --save folder of a run")
-    p.add_argument("--tag", help="checkpoint tag (default: the newest complete one)")
-    p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--overwrite", action="store_true", help="replace the model in an existing --out folder")
-    a = p.parse_args(argv)
+    add_flags(p, ExportConfig)
+    a = from_flags(ExportConfig, p.parse_args(argv))
     try:
         out = export(a.checkpoint, a.out, a.tag, overwrite=a.overwrite)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    model = HF_CLASSES[arch_of(config_from_dict(json.loads((out / "sctd_run.json").read_text())["model"]))]
+    model = HF_CLASSES[arch_of(config_from_dict(run_record.read(out / run_record.FILE).model))]
     print(f"exported Hugging Face {model} to {out}")
     return 0
 

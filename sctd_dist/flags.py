@@ -4,7 +4,8 @@ A field made with `flag(...)` carries its flag name, help text and argparse grou
 type and default; `add_flags` turns a dataclass's fields into arguments of a parser and
 `from_flags` builds the dataclass back from the parsed namespace. A field whose type is itself
 a dataclass contributes that dataclass's flags. Booleans are switches: `--name` turns on a field
-that defaults to False; a field that defaults to True needs an explicit `--no-...` name.
+that defaults to False; a field that defaults to True needs an explicit `--no-...` name. A field
+without a default is a required flag; a `list[...]` field takes one or more values.
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ def flag(default: Any = dataclasses.MISSING, help: str = "", *, name: str | None
          metavar: str | None = None, group: str | None = None,
          default_factory: Any = dataclasses.MISSING) -> Any:
     """A dataclass field that is also the flag `name` (default: `--field-name`); `metavar`
-    names its value in the help (default: the flag's name in capitals)."""
+    names its value in the help (default: the flag's name in capitals). Without `default` (and
+    `default_factory`) the flag is required."""
     return dataclasses.field(
         default=default, default_factory=default_factory,
         metadata={"flag": name, "aliases": aliases, "help": help, "group": group, "metavar": metavar,
@@ -59,10 +61,16 @@ def add_flags(parser: argparse.ArgumentParser, cls: type, prefix: str = "",
         if title not in groups:
             groups[title] = parser.add_argument_group(title) if title else parser
         names = [f.metadata["flag"] or "--" + f.name.replace("_", "-"), *f.metadata["aliases"]]
-        default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        default = None if required else f.default_factory() if f.default is dataclasses.MISSING else f.default
         shown = "" if default is None or kind is bool else f" (default: {default})"
-        options: dict[str, Any] = {"dest": prefix + f.name, "default": default,
-                                   "help": f.metadata["help"] + shown}
+        options: dict[str, Any] = {"dest": prefix + f.name, "help": f.metadata["help"] + shown}
+        if required:
+            options["required"] = True
+        else:
+            options["default"] = default
+        if typing.get_origin(kind) is list:  # one or more values of the item type
+            kind, options["nargs"] = typing.get_args(kind)[0], "+"
         if kind is bool and default is None:  # unset means "decided elsewhere": --x and --no-x
             options["action"] = argparse.BooleanOptionalAction
         elif kind is bool:

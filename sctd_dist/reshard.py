@@ -44,6 +44,7 @@ import torch
 
 from sctd_dist.coordination import barrier, is_rank0
 from sctd_dist.parallel import layout
+from sctd_dist.run_record import RunRecord
 
 # Conversions live beside the checkpoints, in their own namespace: DIR/resharded/<tag>/...
 RESHARD_DIR = "resharded"
@@ -60,15 +61,9 @@ class LoadTarget:
     universal: bool  # set `checkpoint.load_universal` in the DeepSpeed config
 
 
-def layout_changed(saved: dict[str, Any], current: dict[str, Any]) -> bool:
-    """True when the run records differ in TP or DP size (the checkpoint cannot load as saved)."""
-    return (saved["tensor_model_parallel_size"] != current["tensor_model_parallel_size"]
-            or saved["dp_size"] != current["dp_size"])
-
-
-def check_supported(saved: dict[str, Any], current: dict[str, Any]) -> None:
+def check_supported(saved: RunRecord, current: RunRecord) -> None:
     """Raise ValueError when a layout change meets a ZeRO-stage change we cannot convert."""
-    a, b = saved["zero_stage"], current["zero_stage"]
+    a, b = saved.zero_stage, current.zero_stage
     family = {0: "ZeRO-0", 1: "ZeRO-1/2", 2: "ZeRO-1/2", 3: "ZeRO-3"}
     if family[a] != family[b]:
         raise ValueError(f"the checkpoint was saved with ZeRO stage {a} and this run uses stage {b}; "
@@ -76,7 +71,7 @@ def check_supported(saved: dict[str, Any], current: dict[str, Any]) -> None:
                          f"with a --deepspeed_config of ZeRO stage {a}")
 
 
-def prepare(load_dir: Path, tag: str, saved: dict[str, Any], tp_size: int, tp_rank: int,
+def prepare(load_dir: Path, tag: str, saved: RunRecord, tp_size: int, tp_rank: int,
             dp_rank: int) -> LoadTarget:
     """Convert checkpoint `tag` for TP size `tp_size` (once; every rank calls this).
 
@@ -85,8 +80,8 @@ def prepare(load_dir: Path, tag: str, saved: dict[str, Any], tp_size: int, tp_ra
     source = Path(load_dir) / tag
     work = Path(load_dir) / RESHARD_DIR / tag
     out = work / f"tp{tp_size}"
-    stage = saved["zero_stage"]
-    if stage == 0 and saved["tensor_model_parallel_size"] == tp_size:
+    stage = saved.zero_stage
+    if stage == 0 and saved.tensor_model_parallel_size == tp_size:
         return LoadTarget(load_dir=Path(load_dir), tag=tag, universal=False)  # replicated over DP
     if stage == 0:  # every rank checks, so that every rank refuses (none waits at a barrier)
         _check_plain_optimizer(source, saved)
@@ -138,10 +133,10 @@ def _merge_zero_partitions(source: Path, merged: Path) -> None:
     (merged / _DONE).write_text("ok")
 
 
-def _padded_vocab(saved: dict[str, Any], tp_size: int) -> int:
+def _padded_vocab(saved: RunRecord, tp_size: int) -> int:
     from sctd_dist.model.arch import config_from_dict
 
-    return config_from_dict(saved["model"]).padded_vocab_size(tp_size)
+    return config_from_dict(saved.model).padded_vocab_size(tp_size)
 
 
 def _load(path: Path) -> Any:
@@ -168,17 +163,17 @@ def _link(src: Path, dest: Path) -> None:
         shutil.copy2(src, dest)
 
 
-def _resplit(shards: list[torch.Tensor], name: str, saved: dict[str, Any], tp_size: int,
+def _resplit(shards: list[torch.Tensor], name: str, saved: RunRecord, tp_size: int,
              tp_rank: int) -> torch.Tensor:
-    whole = layout.merge(shards, name, saved["model"]["vocab_size"])
+    whole = layout.merge(shards, name, saved.model["vocab_size"])
     return layout.split(whole, name, tp_size, tp_rank, _padded_vocab(saved, tp_size)).contiguous().clone()
 
 
-def _write_universal_rank(merged: Path, source: Path, dest: Path, saved: dict[str, Any],
+def _write_universal_rank(merged: Path, source: Path, dest: Path, saved: RunRecord,
                           tp_size: int, tp_rank: int) -> None:
     """A universal checkpoint holding exactly TP rank `tp_rank`'s parameter shards."""
-    old_tp = saved["tensor_model_parallel_size"]
-    meta_files = _model_state_files(source, saved["zero_stage"])
+    old_tp = saved.tensor_model_parallel_size
+    meta_files = _model_state_files(source, saved.zero_stage)
     meta = _load(meta_files[0])
     shapes = {n: shape for group in meta["param_shapes"] for n, shape in group.items()}  # TP shards
     for name, shape in shapes.items():
@@ -199,7 +194,7 @@ def _write_universal_rank(merged: Path, source: Path, dest: Path, saved: dict[st
     torch.save({**meta, "module": {}, "mp_world_size": 1}, dest / meta_files[0].name)
 
 
-def _check_plain_optimizer(source: Path, saved: dict[str, Any]) -> None:
+def _check_plain_optimizer(source: Path, saved: RunRecord) -> None:
     """ZeRO-0: ValueError unless the checkpoint holds a plain torch optimizer state (in bf16/fp16
     DeepSpeed wraps it in a mixed-precision optimizer whose flat buffers we do not re-split)."""
     opt = torch.load(_model_state_files(source, 0)[0], map_location="cpu", weights_only=False,
@@ -207,11 +202,11 @@ def _check_plain_optimizer(source: Path, saved: dict[str, Any]) -> None:
     if not (isinstance(opt, dict) and "state" in opt and "param_groups" in opt):
         raise ValueError(f"{source} (ZeRO-0, mixed precision) cannot move to another "
                          "--tensor-model-parallel-size: resume at the saved "
-                         f"--tensor-model-parallel-size {saved['tensor_model_parallel_size']}, or train "
+                         f"--tensor-model-parallel-size {saved.tensor_model_parallel_size}, or train "
                          "with ZeRO-1/2/3 to change layouts")
 
 
-def _tensor_parallel_states(source: Path, saved: dict[str, Any]) -> Iterator[tuple[str, dict[str, Any]]]:
+def _tensor_parallel_states(source: Path, saved: RunRecord) -> Iterator[tuple[str, dict[str, Any]]]:
     """ZeRO-0: (name, {fp32, exp_avg, exp_avg_sq: TP shards; step}) from each TP rank's file."""
     files = [_load(f) for f in _model_state_files(source, 0)]
     names = _param_names(files[0])
@@ -228,7 +223,7 @@ def _tensor_parallel_states(source: Path, saved: dict[str, Any]) -> Iterator[tup
         yield name, entry
 
 
-def _write_native_rank(source: Path, dest: Path, saved: dict[str, Any], tp_size: int,
+def _write_native_rank(source: Path, dest: Path, saved: RunRecord, tp_size: int,
                        tp_rank: int) -> None:
     """ZeRO-0: TP rank `tp_rank`'s model-states file (weights and torch optimizer state)."""
     base = _load(_model_state_files(source, 0)[0])

@@ -1,16 +1,17 @@
 """Building a training run: every object the loop needs, each made once, in dependency order.
 
-What the flags and the data decide is checked before any process group exists, so a mistake
-costs seconds and one line: the DeepSpeed JSON, the data folder, the vocabulary (settled from
-the data before the model config is made), the model's fit to the TP/SP layout and sequence
-length, and the fit of the checkpoint to resume. Then come the process groups, the data loaders, the model, the checkpointer (which
-plans a resume before the engine exists), the engine and the logger.
+What the flags and the data decide is checked before any process group exists (`settle`), so
+a mistake costs seconds and one line: the paths, the DeepSpeed JSON, the data folder, the
+vocabulary (settled from the data before the model config is made), the model's fit to the
+TP/SP layout and sequence length, and the fit of the checkpoint to resume. Then come the
+process groups, the resume plan (`checkpoint.plan_resume`), the data loaders, the model, the
+checkpointer, the engine (set up for the plan), the resume itself and the logger.
 """
 
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any, Callable
@@ -21,8 +22,9 @@ from sctd_dist import preemption
 from sctd_dist.allocator import in_use as allocator_in_use
 from sctd_dist.arguments import TrainConfig
 from sctd_dist.checkpoint import (DATA_POSITION, Checkpointer, ResumePlan, RNGStreams, SavePolicy,
-                                  check_resume)
-from sctd_dist.coordination import say
+                                  check_free_space, check_resume, check_writable, checkpoint_size,
+                                  plan_resume, resume_ds_config)
+from sctd_dist.coordination import rank0_decides, say
 from sctd_dist.data.dataset import PackedDataset
 from sctd_dist.data.loader import PretrainingDataLoader, ValidationDataLoader
 from sctd_dist.data.masking import MaskingConfig
@@ -30,10 +32,11 @@ from sctd_dist.ds_config import (apply_schedule, check_device_support, load_ds_c
                                  resolve_batch_sizes, validate_with_deepspeed, zero_stage)
 from sctd_dist.flops import step_flops
 from sctd_dist.metrics import MetricsLogger
-from sctd_dist.model.arch import ModelConfig, hf_class, run_model_config
+from sctd_dist.model.arch import ModelConfig, hf_class, hf_model_type, run_model_config
 from sctd_dist.model.pretraining import PretrainingModel, check_layout
 from sctd_dist.parallel import MegatronMPU, ParallelContext, check_tp_size, initialize, launch_env
 from sctd_dist.parallel.kernels import sdpa_backend
+from sctd_dist.run_record import RunRecord
 from sctd_dist.special_tokens import SpecialTokenIds
 
 
@@ -54,57 +57,116 @@ class Run:
 
 
 def build_run(cfg: TrainConfig) -> Run:
-    """Make a new run, or resume one from the newest checkpoint in --load (default --save)."""
+    """Make a new run, or resume one from the newest checkpoint in --load (default --save).
+
+    Three phases: check everything the flags, files and the checkpoint decide (no process group
+    yet), plan the resume (`plan_resume`: verify, fall back, compare records, reshard), then
+    build and apply it (`Checkpointer.start`), logging what the resume changed once."""
     preemption.install()  # first: a signal during start-up must not kill the job unsaved
     import deepspeed
 
-    ds_file = load_ds_config(cfg.deepspeed_config)
-    data_dir, train_set, valid_set = open_data(cfg)
-    model_cfg = model_config(cfg, train_set.vocab_size, data_dir, train_set.special_ids)
-    check_layout(model_cfg, cfg.token_drop, cfg.seq_length, cfg.tensor_model_parallel_size,
-                 cfg.sequence_parallel)
-    check_checkpoint_fits(cfg, model_cfg, ds_file)
+    settled = settle(cfg)
     ctx = initialize(cfg.tensor_model_parallel_size, sequence_parallel=cfg.sequence_parallel, seed=cfg.seed)
-    ds = prepare_ds_config(cfg, ds_file, ctx.dp_size, ctx.device.type)
-    masking = MaskingConfig(whole_word_masking=cfg.whole_word_masking)
+    plan = plan_resume(cfg.load_dir, settled.record, cfg.on_bad_checkpoint, ctx.tp_rank, ctx.dp_rank)
+    ds, train_set, masking = settled.ds, settled.train_set, MaskingConfig(whole_word_masking=cfg.whole_word_masking)
     batch, micro = ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"]
     loader = PretrainingDataLoader(train_set, global_batch_size=batch, micro_batch_size=micro,
                                    dp_rank=ctx.dp_rank, dp_size=ctx.dp_size, seed=cfg.seed, masking=masking)
-    valid_loader = None if len(valid_set) == 0 else ValidationDataLoader(
-        valid_set, micro_batch_size=micro, dp_rank=ctx.dp_rank, dp_size=ctx.dp_size, seed=cfg.seed,
+    valid_loader = None if len(settled.valid_set) == 0 else ValidationDataLoader(
+        settled.valid_set, micro_batch_size=micro, dp_rank=ctx.dp_rank, dp_size=ctx.dp_size, seed=cfg.seed,
         masking=masking)
-    model = PretrainingModel(model_cfg, cfg.token_drop, train_set.special_ids, ctx,
+    model = PretrainingModel(settled.model_cfg, cfg.token_drop, train_set.special_ids, ctx,
+                             micro_batches_per_step=loader.grad_accum,
                              within_documents=cfg.within_documents)
     if cfg.init_hf is not None:
         _load_hf_weights(model, cfg.init_hf)
     model.to(ctx.device)
     if cfg.compile:
         model.compile_layers()
+    if cfg.save is not None:
+        size = checkpoint_size(plan, checkpoint_bytes(model, ctx))
+        rank0_decides(lambda: check_free_space(Path(cfg.save), size))
     checkpointer = Checkpointer(
         SavePolicy(cfg.save, cfg.save_interval, last_step=cfg.train_iters, keep_last=cfg.keep_last),
-        cfg.load_dir, run_record(cfg, model_cfg, ctx, ds, data_dir, train_set),
-        {"importance": model.importance, DATA_POSITION: loader, "rng": RNGStreams()},
-        on_bad=cfg.on_bad_checkpoint, checkpoint_bytes=checkpoint_bytes(model, ctx),
-        tp_rank=ctx.tp_rank, dp_rank=ctx.dp_rank, keep_data_position=cfg.keep_data_position)
+        cfg.load_dir, settled.record, {"importance": model.importance, DATA_POSITION: loader, "rng": RNGStreams()},
+        plan, keep_data_position=cfg.keep_data_position)
     engine, _, _, _ = deepspeed.initialize(
         model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
-        config=checkpointer.deepspeed_config(ds), mpu=MegatronMPU(), dist_init_required=False)
+        config=resume_ds_config(plan, ds), mpu=MegatronMPU(), dist_init_required=False)
     start_step = checkpointer.start(engine)
     logger = MetricsLogger(cfg.log_dir, ctx.device, world_size=ctx.world_size,
                            tokens_per_step=batch * cfg.seq_length, micro_batches=loader.grad_accum,
                            total_steps=cfg.train_iters, start_step=start_step, progress=cfg.progress)
-    plan = checkpointer.plan
-    runtime = runtime_info(model_cfg, ctx, cfg.seq_length, precision(ds), cfg.compile)
+    runtime = runtime_info(settled.model_cfg, ctx, cfg.seq_length, precision(ds), cfg.compile)
     logger.announce(runtime)
     logger.event("start" if plan is None else "resume", step=start_step,
                  consumed_samples=loader.consumed_samples, checkpoint=None if plan is None else plan.source_tag,
                  world_size=ctx.world_size, dp_size=ctx.dp_size, tp_size=ctx.tp_size,
-                 precision=str(precision(ds)), zero_stage=zero_stage(ds), **runtime)
+                 precision=str(precision(ds)), zero_stage=zero_stage(ds), **runtime,
+                 train_config=settled.record.train_config, deepspeed_config=ds)
     if plan is not None:
         log_resume_changes(logger, plan, ctx, start_step, loader.consumed_samples, cfg.keep_data_position)
-    flops = partial(step_flops, model_cfg, cfg.token_drop, cfg.seq_length,
+    flops = partial(step_flops, settled.model_cfg, cfg.token_drop, cfg.seq_length,
                     masking.mlm_probability * cfg.seq_length, batch)
     return Run(cfg, ctx, model, engine, loader, valid_loader, checkpointer, logger, flops, start_step)
+
+
+@dataclass(frozen=True)
+class Settled:
+    """What the flags, the files and the launcher decide, known before any process group."""
+
+    ds: dict[str, Any]  # the resolved DeepSpeed config
+    data_dir: Path
+    train_set: PackedDataset
+    valid_set: PackedDataset
+    model_cfg: ModelConfig
+    record: RunRecord  # this run, as its checkpoints will record it
+
+
+def settle(cfg: TrainConfig) -> Settled:
+    """Check everything that flags and files decide, in one process, before any process group
+    exists (a mistake costs seconds and one line): the paths, the DeepSpeed JSON, the data, the
+    vocabulary, the model's fit to the layout, the checkpoint to resume. Says the resolved
+    configuration in the run's start event."""
+    check_paths(cfg)
+    ds_file = load_ds_config(cfg.deepspeed_config)
+    data_dir, train_set, valid_set = open_data(cfg)
+    model_cfg = model_config(cfg, train_set.vocab_size, data_dir, train_set.special_ids)
+    check_layout(model_cfg, cfg.token_drop, cfg.seq_length, cfg.tensor_model_parallel_size,
+                 cfg.sequence_parallel)
+    world_size, tp = launch_env.discover().world_size, cfg.tensor_model_parallel_size
+    check_tp_size(tp, world_size)
+    device_type = "cuda" if torch.cuda.is_available() else "cpu"  # what `initialize` picks
+    ds = prepare_ds_config(cfg, ds_file, world_size // tp, device_type)
+    record = RunRecord(
+        model=model_cfg.to_dict(), tensor_model_parallel_size=tp, world_size=world_size,
+        dp_size=world_size // tp, zero_stage=zero_stage(ds), sequence_parallel=cfg.sequence_parallel,
+        global_batch_size=ds["train_batch_size"], seq_length=cfg.seq_length,
+        token_drop=asdict(cfg.token_drop), data_path=str(data_dir.resolve()), num_samples=len(train_set),
+        tokenizer_fingerprint=train_set.metadata["tokenizer"]["fingerprint"],
+        train_config=cfg.to_dict(), deepspeed_config=ds)
+    check_resume(cfg.load_dir, record)
+    return Settled(ds, data_dir, train_set, valid_set, model_cfg, record)
+
+
+def check_paths(cfg: TrainConfig) -> None:
+    """The flags that name files and folders, checked at the start of the run (parsing touches
+    no file): inputs exist, --save is a folder that takes files (made if missing)."""
+    if cfg.model_config is not None and not Path(cfg.model_config).is_file():
+        raise ValueError(f"--model-config {cfg.model_config} does not exist")
+    if cfg.data_path is not None and not Path(cfg.data_path).is_dir():
+        raise ValueError(f"--data-path {cfg.data_path} is not a directory; prepare one with "
+                         "`python -m sctd_dist.data.prepare ... --out DIR`, or omit the flag to use the "
+                         "embedded sample corpus")
+    if cfg.init_hf is not None and not Path(cfg.init_hf).is_dir():
+        raise ValueError(f"--init-hf {cfg.init_hf} is not a Hugging Face model folder")
+    if cfg.init_hf is not None:
+        folder_arch = hf_model_type(Path(cfg.init_hf))  # another model type: one line naming it
+        if cfg.arch not in (None, folder_arch):
+            raise ValueError(f"--arch {cfg.arch} but --init-hf {cfg.init_hf} holds a {folder_arch} "
+                             f"model; drop --arch or pass --arch {folder_arch}")
+    if cfg.save is not None:
+        check_writable(Path(cfg.save))
 
 
 def runtime_info(model_cfg: ModelConfig, ctx: ParallelContext, seq_length: int,
@@ -121,16 +183,6 @@ def runtime_info(model_cfg: ModelConfig, ctx: ParallelContext, seq_length: int,
     return {"allocator": allocator_in_use(), "sdpa_backend": backend, "compile": compiled}
 
 
-def check_checkpoint_fits(cfg: TrainConfig, model_cfg: ModelConfig, ds: dict[str, Any]) -> None:
-    """Refuse a checkpoint in --load that this run cannot load, before any process group exists
-    (the layout comes from the launcher's variables)."""
-    world_size = launch_env.discover().world_size
-    tp = cfg.tensor_model_parallel_size
-    check_tp_size(tp, world_size)
-    check_resume(cfg.load_dir, {"model": model_cfg.to_dict(), "tensor_model_parallel_size": tp,
-                                "dp_size": world_size // tp, "zero_stage": zero_stage(ds)})
-
-
 def log_resume_changes(logger: MetricsLogger, plan: ResumePlan, ctx: ParallelContext, step: int,
                        consumed_samples: int, keep_data_position: bool) -> None:
     """What a resume passed over or changed, as events: a `checkpoint_warning` per checkpoint or
@@ -139,17 +191,19 @@ def log_resume_changes(logger: MetricsLogger, plan: ResumePlan, ctx: ParallelCon
     checkpoint was saved at another TP x DP layout, and a `data_switch` when the training data
     changed (each of the last two also one line on stderr: a run without --log-dir says so too)."""
     for line in plan.warnings:
+        say(f"warning: {line}")
         logger.event("checkpoint_warning", message=line)
     for change in plan.changes:
+        say(f"note: {change['event']}: {change['checkpoint']} in the checkpoint, {change['now']} now")
         logger.event(change["event"], step=step, checkpoint=change["checkpoint"], now=change["now"])
     saved = plan.saved
     if plan.layout_changed:
         logger.event("layout_change", checkpoint=plan.source_tag,
-                     saved_tp_size=saved["tensor_model_parallel_size"], saved_dp_size=saved["dp_size"],
+                     saved_tp_size=saved.tensor_model_parallel_size, saved_dp_size=saved.dp_size,
                      tp_size=ctx.tp_size, dp_size=ctx.dp_size,
                      not_preserved="per-rank RNG streams (reseeded for the new layout)")
-        say(f"resuming {plan.source_tag}, saved at TP={saved['tensor_model_parallel_size']} x "
-             f"DP={saved['dp_size']}, at TP={ctx.tp_size} x DP={ctx.dp_size}: weights, optimizer, "
+        say(f"resuming {plan.source_tag}, saved at TP={saved.tensor_model_parallel_size} x "
+             f"DP={saved.dp_size}, at TP={ctx.tp_size} x DP={ctx.dp_size}: weights, optimizer, "
              "schedule and importance table carried over, RNG streams reseeded")
     if plan.data_switch:
         logger.event("data_switch", changes=plan.data_switch, kept_position=keep_data_position,
@@ -165,7 +219,7 @@ def open_data(cfg: TrainConfig) -> tuple[Path, PackedDataset, PackedDataset]:
     built on first use and cached in --data-cache."""
     data_dir = cfg.data_path
     if data_dir is None:
-        from sctd_dist.data.prepare import ensure_sample_dataset
+        from sctd_dist.data.sample_cache import ensure_sample_dataset
 
         # Every rank calls this before any process group exists: the builder's file lock lets
         # the first build while the others wait, then reuse. One process builds (no worker
@@ -215,20 +269,6 @@ def checkpoint_bytes(model: PretrainingModel, ctx: ParallelContext) -> int:
     stage: the stages partition these, they do not shrink them)."""
     params = sum(p.numel() for p in model.parameters())
     return 16 * params * ctx.tp_size
-
-
-def run_record(cfg: TrainConfig, model_cfg: ModelConfig, ctx: ParallelContext,
-               ds: dict[str, Any], data_dir: Path, train_set: PackedDataset) -> dict[str, Any]:
-    """What a checkpoint records about the run (compared on resume; the step is added at save)."""
-    return {
-        "model": model_cfg.to_dict(),
-        "tensor_model_parallel_size": ctx.tp_size, "sequence_parallel": ctx.sequence_parallel,
-        "world_size": ctx.world_size, "dp_size": ctx.dp_size, "zero_stage": zero_stage(ds),
-        "global_batch_size": ds["train_batch_size"], "seq_length": cfg.seq_length,
-        "token_drop": vars(cfg.token_drop).copy(), "data_path": str(Path(data_dir).resolve()),
-        "tokenizer_fingerprint": train_set.metadata["tokenizer"]["fingerprint"],
-        "train_config": cfg.to_dict(),
-    }
 
 
 def _load_hf_weights(model: PretrainingModel, folder: Path) -> None:

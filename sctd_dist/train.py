@@ -42,7 +42,6 @@ def train_step(run: Run, step: int) -> dict[str, Any]:
         run.engine.step()  # DeepSpeed updates the weights at the last micro-batch only
         for k, v in out.metrics.items():
             sums[k] = sums.get(k, 0) + v.detach().float()
-    run.model.update_importance()
     return {**step_means(sums, len(batches), run.ctx),
             **engine_stats(run.engine, with_model_state=step == run.start_step)}
 

@@ -17,7 +17,7 @@ SEQ = 64  # sequence length of the shared sample dataset
 
 @pytest.fixture(scope="session")
 def data_dir(tmp_path_factory):
-    from sctd_dist.data.prepare import ensure_sample_dataset
+    from sctd_dist.data.sample_cache import ensure_sample_dataset
 
     # The parent of the per-worker base temp is shared by all xdist workers; the builder locks.
     return ensure_sample_dataset(tmp_path_factory.getbasetemp().parent / "sctd-data", seq_length=SEQ)

@@ -81,42 +81,6 @@ def test_prune_keeps_newest_and_the_pointed_one(tmp_path):
     assert half.exists()
 
 
-def test_incompatible_checkpoint_names_each_difference():
-    saved = {"model": {"hidden_size": 128, "num_hidden_layers": 4}, "tensor_model_parallel_size": 2}
-    now = {"model": {"hidden_size": 256, "num_hidden_layers": 4}, "tensor_model_parallel_size": 1}
-    with pytest.raises(ValueError) as err:
-        checkpoint.check_compatible(saved, now)
-    msg = str(err.value)
-    assert "hidden_size: checkpoint 128, now 256" in msg
-    assert "tensor" not in msg  # another TP size is resharded, not refused
-    assert "num_hidden_layers" not in msg
-    checkpoint.check_compatible(saved, dict(saved))
-
-
-@pytest.mark.parametrize("now, changes", [
-    ({"data_path": "/data/phase1/../phase1", "seq_length": 128}, {}),  # the same folder
-    ({"data_path": "/data/phase2", "seq_length": 128}, {"--data-path": ["/data/phase1", "/data/phase2"]}),
-    ({"data_path": "/data/phase1", "seq_length": 512}, {"--seq-length": [128, 512]}),
-])
-def test_data_switch_names_what_changed(now, changes):
-    saved = {"data_path": "/data/phase1", "seq_length": 128}
-    assert checkpoint.data_switch(saved, now) == changes
-
-
-@pytest.mark.parametrize("saved_stage, stage, refused", [(1, 2, False), (2, 1, False), (3, 3, False),
-                                                         (0, 1, True), (2, 3, True), (3, 0, True)])
-def test_layout_change_across_zero_families_is_refused_in_one_line(saved_stage, stage, refused):
-    saved = {"tensor_model_parallel_size": 2, "dp_size": 1, "zero_stage": saved_stage}
-    now = {"tensor_model_parallel_size": 1, "dp_size": 2, "zero_stage": stage}
-    assert reshard.layout_changed(saved, now)
-    if not refused:
-        reshard.check_supported(saved, now)
-        return
-    with pytest.raises(ValueError, match=f"ZeRO stage {saved_stage} and this run uses stage {stage}") as err:
-        reshard.check_supported(saved, now)
-    assert "\n" not in str(err.value) and "--deepspeed_config" in str(err.value)
-
-
 class _Planted:
     """Unpickling this would create `marker`: a stand-in for any code a crafted file could run."""
 
@@ -149,28 +113,3 @@ def test_crafted_rng_file_is_refused_not_executed(tmp_path):
                        "checkpoint data"):
         checkpoint.load_state_file(path)
     assert not marker.exists()
-
-
-def _record(**changes):
-    record = {"model": {"hidden_size": 128}, "tensor_model_parallel_size": 1, "global_batch_size": 8,
-              "token_drop": {"mode": "sctd", "keep_ratio": 0.5}, "tokenizer_fingerprint": "abc"}
-    return {**record, **changes}
-
-
-def test_another_tokenizer_is_refused():
-    with pytest.raises(ValueError, match="the --data-path tokenizer: checkpoint fingerprint abc, now xyz"):
-        checkpoint.check_compatible(_record(), _record(tokenizer_fingerprint="xyz"))
-    old = _record()
-    del old["tokenizer_fingerprint"]  # a checkpoint from before fingerprints were recorded
-    assert checkpoint.compare_records(old, _record(tokenizer_fingerprint="xyz")) == ([], [])
-
-
-def test_token_dropping_and_batch_changes_are_events():
-    now = _record(global_batch_size=16, token_drop={"mode": "none", "keep_ratio": 0.5})
-    refusals, events = checkpoint.compare_records(_record(), now)
-    assert refusals == []
-    assert events == [
-        {"event": "token_drop_change", "checkpoint": {"mode": "sctd", "keep_ratio": 0.5},
-         "now": {"mode": "none", "keep_ratio": 0.5}},
-        {"event": "global_batch_change", "checkpoint": 8, "now": 16}]
-    assert checkpoint.check_compatible(_record(), _record()) == []

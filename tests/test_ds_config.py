@@ -375,6 +375,7 @@ def _train_one(rank: int, ctx, name: str, micro: int, global_batch: int) -> dict
     engine, _, _, scheduler = deepspeed.initialize(
         model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
         config=ds, mpu=MegatronMPU())
+    model.micro_batches_per_step = engine.gradient_accumulation_steps()
     before = _master_weights(engine)
     importance_before = model.importance.scores.detach().clone()
     gen = torch.Generator().manual_seed(1000 + rank)  # each DP rank sees its own data
@@ -385,7 +386,6 @@ def _train_one(rank: int, ctx, name: str, micro: int, global_batch: int) -> dict
             engine.backward(out.loss)
             engine.step()
             losses.append(out.loss.detach().item())
-        model.update_importance()
     after = _master_weights(engine)
     return {
         "losses": losses,

@@ -60,15 +60,16 @@ def test_init_hf_then_export_round_trips(tmp_path, ctx1):
         assert torch.equal(task.model.layers[1].attn.Wqkv.weight, STATE["model.layers.1.attn.Wqkv.weight"])
 
 
-def test_init_hf_of_another_model_type_is_refused_in_one_line(tmp_path, capsys):
+def test_init_hf_of_another_model_type_is_refused_in_one_line(tmp_path):
+    """Checked with the other paths at the start of the run, before any work."""
     from sctd_dist.arguments import parse_args
+    from sctd_dist.run import check_paths
 
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "roberta", "vocab_size": 10}))
-    with pytest.raises(SystemExit):
-        parse_args(["--init-hf", str(tmp_path)])
-    err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert "'roberta'" in err and str(tmp_path) in err
+    with pytest.raises(ValueError) as refused:
+        check_paths(parse_args(["--init-hf", str(tmp_path)]))
+    message = str(refused.value)
+    assert "'roberta'" in message and str(tmp_path) in message and "\n" not in message
     hf_model(CFG, STATE).save_pretrained(tmp_path / "modern")
-    with pytest.raises(SystemExit):
-        parse_args(["--init-hf", str(tmp_path / "modern"), "--arch", "bert"])
-    assert "--arch modernbert" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="--arch modernbert"):
+        check_paths(parse_args(["--init-hf", str(tmp_path / "modern"), "--arch", "bert"]))

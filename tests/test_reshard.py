@@ -46,7 +46,8 @@ class _Job:
                  keep_data_position: bool = False) -> None:
         import deepspeed
 
-        from sctd_dist.checkpoint import DATA_POSITION, Checkpointer, RNGStreams, SavePolicy
+        from sctd_dist.checkpoint import (DATA_POSITION, Checkpointer, RNGStreams, SavePolicy, plan_resume,
+                                          resume_ds_config)
         from sctd_dist.data.dataset import PackedDataset
         from sctd_dist.data.loader import PretrainingDataLoader
         from sctd_dist.model.config import TokenDropConfig
@@ -57,24 +58,27 @@ class _Job:
         data = PackedDataset(data_dir, split="train")
         self.ctx, self.stage, self.data_dir = ctx, stage, data_dir
         self.config = small_config(vocab_size=VOCAB, max_position_embeddings=64)
-        self.model = PretrainingModel(self.config, TokenDropConfig(mode="sctd", sctd_interval=2),
-                                      data.special_ids, ctx)
         self.loader = PretrainingDataLoader(data, global_batch_size=GLOBAL_BATCH, micro_batch_size=MICRO,
                                             dp_rank=ctx.dp_rank, dp_size=ctx.dp_size, seed=7)
+        self.model = PretrainingModel(self.config, TokenDropConfig(mode="sctd", sctd_interval=2),
+                                      data.special_ids, ctx, micro_batches_per_step=self.loader.grad_accum)
+        plan = plan_resume(load_dir, self.record(), tp_rank=ctx.tp_rank, dp_rank=ctx.dp_rank)
         self.checkpointer = Checkpointer(
             SavePolicy(save_dir, None, last_step=SAVE_AT), load_dir, self.record(),
             {"importance": self.model.importance, DATA_POSITION: self.loader, "rng": RNGStreams()},
-            tp_rank=ctx.tp_rank, dp_rank=ctx.dp_rank, keep_data_position=keep_data_position)
+            plan, keep_data_position=keep_data_position)
         self.engine, *_ = deepspeed.initialize(
             model=self.model, model_parameters=list(self.model.parameters()),
-            config=self.checkpointer.deepspeed_config(_ds_config(stage)), mpu=MegatronMPU(),
+            config=resume_ds_config(plan, _ds_config(stage)), mpu=MegatronMPU(),
             dist_init_required=False)
         self.start = self.checkpointer.start(self.engine)
 
-    def record(self) -> dict:
-        return {"model": self.config.to_dict(), "tensor_model_parallel_size": self.ctx.tp_size,
-                "dp_size": self.ctx.dp_size, "world_size": self.ctx.world_size, "zero_stage": self.stage,
-                "seq_length": 64, "data_path": str(self.data_dir)}
+    def record(self):
+        from sctd_dist.run_record import RunRecord
+
+        return RunRecord(model=self.config.to_dict(), tensor_model_parallel_size=self.ctx.tp_size,
+                         dp_size=self.ctx.dp_size, world_size=self.ctx.world_size, zero_stage=self.stage,
+                         seq_length=64, data_path=str(self.data_dir))
 
     def run(self, start: int, end: int) -> dict[int, float]:
         """Train optimizer steps `start`..`end`-1; their losses (mean over the global batch)."""
@@ -89,7 +93,6 @@ class _Job:
                 self.engine.backward(out.loss)
                 self.engine.step()
                 total += out.loss.detach()
-            self.model.update_importance()
             total /= len(batches) * self.ctx.dp_size
             if self.ctx.dp_size > 1:
                 dist.all_reduce(total, group=self.ctx.dp_group)

@@ -5,8 +5,13 @@ Modules (each has one job):
     sources   --input specs -> `datasets` text datasets
     tokenizer load / train (deterministic WordPiece) / fingerprint a tokenizer, special ids
     packing   rows of [CLS] ... [SEP] and the hashed validation split
-    prepare   the parallel, resumable preparation CLI; `ensure_sample_dataset`
-    dataset   `PackedDataset`, `load_tokenizer`, `check_compatible`
+    shard_plan       the corpus cut into shards of contiguous documents
+    shard_worker     tokenizing and packing shards (in process or a worker pool)
+    corpus_tokenizer a preparation's tokenizer: loaded, reused or trained, then saved
+    metadata         `metadata.json` of a prepared folder; refusing mixed settings
+    prepare   `prepare_corpus` (the driver of the above) and the preparation CLI
+    sample_cache     `ensure_sample_dataset`: the sample corpus prepared once, cached
+    dataset   `PackedDataset`, `load_tokenizer`
     masking   `MaskingConfig`, `mask_sequence` (pure in (seed, epoch, sample index))
     sampler   the global sample stream, O(1) positioning, DP split
     loader    `PretrainingDataLoader`, `ValidationDataLoader`
@@ -22,11 +27,10 @@ from typing import Any
 _EXPORTS = {
     "write_sample_corpus": "sample",
     "prepare_corpus": "prepare",
-    "ensure_sample_dataset": "prepare",
-    "default_cache_dir": "prepare",
+    "ensure_sample_dataset": "sample_cache",
+    "default_cache_dir": "sample_cache",
     "PackedDataset": "dataset",
     "load_tokenizer": "dataset",
-    "check_compatible": "dataset",
     "read_metadata": "dataset",
     "SpecialTokenIds": "tokenizer",  # defined in sctd_dist.special_tokens (shared with the model)
     "special_token_ids": "tokenizer",

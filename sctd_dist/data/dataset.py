@@ -126,37 +126,3 @@ def load_tokenizer(data_dir: str | Path) -> Any:
     if tokenizer_fingerprint(tok) != meta["tokenizer"]["fingerprint"]:
         raise ValueError(f"tokenizer in {tok_dir} is not the one the shards were made with; prepare again")
     return tok
-
-
-def check_compatible(data_dir: str | Path, *, max_position_embeddings: int, tokenizer: Any = None,
-                     vocab_size: int | None = None) -> dict:
-    """Check a prepared folder against a model before training; returns its metadata.
-
-    Raises ValueError (saying what to change) when the rows are longer than the model's position
-    embeddings, when `tokenizer` (a name, a folder or a tokenizer object) is not the one the
-    shards were made with, or when the tokenizer has more ids than the model's `vocab_size`.
-    """
-    meta = read_metadata(data_dir)
-    seq = int(meta["seq_length"])
-    if seq > max_position_embeddings:
-        raise ValueError(
-            f"the data in {data_dir} has sequence length {seq}, more than the model's "
-            f"max_position_embeddings={max_position_embeddings}: raise max_position_embeddings to >= {seq} "
-            f"or prepare the data again with --seq-length <= {max_position_embeddings}")
-    if tokenizer is not None:
-        if isinstance(tokenizer, (str, Path)):
-            from .tokenizer import load_pretrained_tokenizer
-
-            tokenizer = load_pretrained_tokenizer(tokenizer)
-        fp = tokenizer_fingerprint(tokenizer)
-        if fp != meta["tokenizer"]["fingerprint"]:
-            raise ValueError(
-                f"the data in {data_dir} was made with another tokenizer ({meta['tokenizer']['source']}, "
-                f"fingerprint {meta['tokenizer']['fingerprint']}) than the one given (fingerprint {fp}): "
-                f"use the tokenizer saved in {Path(data_dir) / meta['tokenizer']['dir']} or prepare the "
-                "data again with yours")
-        special_token_ids(tokenizer)
-    if vocab_size is not None and meta["vocab_size"] > vocab_size:
-        raise ValueError(f"the tokenizer of {data_dir} has {meta['vocab_size']} ids but the model's vocab_size "
-                         f"is {vocab_size}: set vocab_size >= {meta['vocab_size']}")
-    return meta

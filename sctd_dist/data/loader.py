@@ -15,7 +15,6 @@ NSP), `labels` (the original id where a token is predicted, -100 elsewhere) and 
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -86,7 +85,6 @@ class PretrainingDataLoader:
         seed: int,
         consumed_samples: int = 0,
         masking: MaskingConfig = MaskingConfig(),
-        drop_last: bool = True,
     ):
         self.grad_accum = check_batch_sizes(global_batch_size, micro_batch_size, dp_size)
         if not 0 <= dp_rank < dp_size:
@@ -99,8 +97,7 @@ class PretrainingDataLoader:
         self.dp_rank = dp_rank
         self.dp_size = dp_size
         self.seed = seed
-        self.drop_last = drop_last
-        self.stream = SampleStream(len(dataset), global_batch_size, seed, drop_last=drop_last)
+        self.stream = SampleStream(len(dataset), global_batch_size, seed)
         self._mask = _Masker(dataset, seed, masking)
         self.consumed_samples = int(consumed_samples)
 
@@ -142,26 +139,12 @@ class PretrainingDataLoader:
         """What a checkpoint needs to resume at exactly the next sample."""
         return {"consumed_samples": self.consumed_samples, "epoch": self.epoch, "seed": self.seed,
                 "global_batch_size": self.global_batch_size, "num_samples": len(self.dataset),
-                "drop_last": self.drop_last, "data_path": _folder(self.dataset)}
+                "data_path": _folder(self.dataset)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Resume from `state_dict()` output; the DP size and micro batch may differ.
-
-        From the same data folder the stream must be the same (rows and seed are checked). A
-        state from another folder (a new training phase on other data) only sets the position:
-        the new stream continues after the samples consumed so far."""
-        if state.get("data_path", _folder(self.dataset)) == _folder(self.dataset):
-            if "num_samples" in state and state["num_samples"] != len(self.dataset):
-                raise ValueError(f"the checkpoint was trained on {state['num_samples']} rows of "
-                                 f"{self.dataset.data_dir}, which now holds {len(self.dataset)}: restore "
-                                 "that data, or resume with the same --data-path as before")
-            if "seed" in state and state["seed"] != self.seed:
-                raise ValueError(f"the checkpoint's data seed is {state['seed']}, this loader's "
-                                 f"{self.seed}: resume with --seed {state['seed']}")
-        if state.get("global_batch_size", self.global_batch_size) != self.global_batch_size:
-            warnings.warn(f"global batch size changed from {state['global_batch_size']} to "
-                          f"{self.global_batch_size}: the sample stream continues at the same position, "
-                          "but epoch boundaries move", stacklevel=2)
+        """Resume from `state_dict()` output: set the position, nothing else. Whether the data,
+        seed and batch may differ from the checkpoint's is decided, and said, once, by the resume
+        plan (`RunRecord.compare`); the DP size and micro batch may differ."""
         consumed = int(state["consumed_samples"])
         if consumed < 0:
             raise ValueError(f"consumed_samples must be >= 0, got {consumed}")
@@ -217,7 +200,3 @@ class ValidationDataLoader:
             rows = self.dataset.get_rows(idx[real])
             inputs[real], labels[real] = self._mask(rows, np.zeros(int(real.sum()), np.int64), idx[real])
         return _to_batch(inputs, labels, specials.pad, specials.sep)
-
-    def __iter__(self):
-        for step in range(len(self)):
-            yield self.batch(step)

@@ -2,9 +2,9 @@
 
 Stream: position c (= samples consumed so far, over all ranks and epochs) maps to
 epoch e = c // E and dataset row perm_e(c % E), where E is the number of samples per epoch and
-perm_e a keyed pseudo-random permutation of (seed, e) (see `rng.FeistelPermutation`). With
-drop_last, E = N - N % global_batch (each epoch drops a different random remainder and no
-global batch straddles two epochs); without, E = N.
+perm_e a keyed pseudo-random permutation of (seed, e) (see `rng.FeistelPermutation`), and
+E = N - N % global_batch (each epoch drops a different random remainder and no global batch
+straddles two epochs).
 
 Split of a step (Megatron's layout): the optimizer step starting at c covers positions
 [c, c + global_batch); micro-step j of DP rank r takes positions
@@ -29,7 +29,6 @@ class SampleStream:
     num_samples: int
     global_batch_size: int
     seed: int
-    drop_last: bool = True
 
     def __post_init__(self) -> None:
         if self.num_samples < 1:
@@ -42,9 +41,7 @@ class SampleStream:
 
     @property
     def samples_per_epoch(self) -> int:
-        if self.drop_last:
-            return self.num_samples - self.num_samples % self.global_batch_size
-        return self.num_samples
+        return self.num_samples - self.num_samples % self.global_batch_size
 
     def epoch_of(self, position: int) -> int:
         return int(position) // self.samples_per_epoch

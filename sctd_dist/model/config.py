@@ -151,7 +151,7 @@ class TokenDropConfig:
         if not 0.0 <= self.mlm_mix <= 1.0:  # also refuses NaN
             raise ValueError(f"--sctd-mlm-mix must be in [0, 1], got {self.mlm_mix}")
         if not 0.0 <= self.importance_beta < 1.0:
-            raise ValueError(f"importance beta must be in [0, 1), got {self.importance_beta}")
+            raise ValueError(f"--importance-beta must be in [0, 1), got {self.importance_beta}")
 
     @property
     def enabled(self) -> bool:

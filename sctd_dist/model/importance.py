@@ -39,7 +39,7 @@ class TokenImportance(torch.nn.Module):
         pad_id: id pinned to ``-1e4`` ([PAD]); ``None`` for no pad id.
         init_value: initial score of every other id (10.0: above any realistic MLM loss, so
             an id's score only drops once it has been seen and predicted well).
-        beta: EMA decay, ``0 <= beta < 1``.
+        beta: EMA decay, ``0 <= beta < 1`` (checked where the value is set: `TokenDropConfig`).
         dp_group: data-parallel process group over which per-id loss sums and counts are
             all-reduced before the EMA. ``None`` means *no* all-reduce (single replica); pass
             the DP group explicitly in distributed training (``torch.distributed.group.WORLD``
@@ -62,8 +62,6 @@ class TokenImportance(torch.nn.Module):
         if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size <= 0:
             raise ValueError(f"vocab_size must be a positive int, got {vocab_size!r}")
         beta = float(beta)
-        if not 0.0 <= beta < 1.0:  # also rejects NaN
-            raise ValueError(f"beta must satisfy 0 <= beta < 1, got {beta}")
         init_value = float(init_value)
         if not torch.isfinite(torch.tensor(init_value)):
             raise ValueError(f"init_value must be finite, got {init_value}")
@@ -121,10 +119,6 @@ class TokenImportance(torch.nn.Module):
         return dist.get_world_size(self.dp_group)
 
     # --------------------------------------------------------------------- API
-    def lookup(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """Scores (fp32) of ``input_ids``, same shape as ``input_ids``."""
-        return self.scores[input_ids]
-
     def per_id_loss_stats(
         self, target_ids: torch.Tensor, per_token_loss: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -2,7 +2,9 @@
 
 `PretrainingModel` is what the DeepSpeed engine wraps. It owns the BERT, the token-importance
 table and the router call, so one `forward(batch, step)` computes the whole loss of a
-micro-batch; the training loop calls `update_importance()` after each optimizer step.
+micro-batch. The model folds a step's masked-token losses into the importance table itself, in
+the forward of the step's last micro-batch (it is told how many a step has), so no loop can
+forget the update.
 """
 
 from __future__ import annotations
@@ -51,10 +53,16 @@ class PretrainingModel(nn.Module):
         special: SpecialTokenIds,
         ctx: ParallelContext | None = None,
         within_documents: bool = False,
+        micro_batches_per_step: int = 1,
     ) -> None:
         """`within_documents`: a token attends only to tokens of its own document (the
         batch's `document_ids`, else derived from its [SEP] tokens)."""
         super().__init__()
+        if micro_batches_per_step < 1:
+            raise ValueError(f"micro_batches_per_step must be >= 1, got {micro_batches_per_step}")
+        # Training forwards per optimizer step (gradient accumulation): the last one of each
+        # folds the step's losses into the importance table.
+        self.micro_batches_per_step = micro_batches_per_step
         ctx = ctx or ParallelContext()
         self.ctx = ctx
         self.drop = drop_config
@@ -71,6 +79,7 @@ class PretrainingModel(nn.Module):
             dp_group=ctx.dp_group if ctx.dp_size > 1 else None,
         )
         self._pending: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._forwards = 0  # training forwards of the current optimizer step so far
 
     def routing(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> Routing:
         """Kept positions for this batch; identical on every TP rank (same ids, same table)."""
@@ -92,12 +101,22 @@ class PretrainingModel(nn.Module):
         return document_ids(batch["input_ids"], self.special.sep) if docs is None else docs
 
     def forward(self, batch: dict[str, torch.Tensor], step: int = 0) -> StepOutput:
-        """Loss of one micro-batch at optimizer step `step` (training mode).
+        """Loss of one micro-batch at optimizer step `step` (training mode); the step's last
+        micro-batch also updates the importance table (`_fold_importance`).
 
         Off consistency steps: the (token-dropping) MLM loss, a mean over masked tokens. On
         consistency steps (SPEC 2.2), with a = --sctd-mlm-mix and w = --sctd-weight:
             loss = (1 - a) * MLM_drop + a * MLM_full + w * sum_b (KL_local_b + KL_global_b) / n_masked
         The full pass runs its MLM head only when a > 0."""
+        out = self._loss(batch, step)
+        if self.training:
+            self._forwards += 1
+            if self._forwards == self.micro_batches_per_step:
+                self._forwards = 0
+                self._fold_importance()
+        return out
+
+    def _loss(self, batch: dict[str, torch.Tensor], step: int) -> StepOutput:
         if not self.drop.enabled:
             out = self._pass(batch, None, False)
             return StepOutput(out.loss, self._metrics(out, out.loss))
@@ -145,8 +164,10 @@ class PretrainingModel(nn.Module):
 
         return compile_each(self.mlm.encoder_layers)
 
-    def update_importance(self) -> None:
-        """Fold this optimizer step's masked-token losses into the importance table (all ranks)."""
+    def _fold_importance(self) -> None:
+        """Fold this optimizer step's masked-token losses into the importance table (every DP
+        rank at the same step: the table's update is an all-reduce). The routing of the step's
+        micro-batches was computed before: the table moves for the next step, as after it."""
         if not self.drop.enabled:
             self._pending.clear()
             return

@@ -49,8 +49,8 @@ def num_kept(
 ) -> int:
     """Number of kept positions per sequence, ``floor(keep_ratio * seq_length + 0.5)``.
 
-    Validates the configuration and raises ``ValueError`` with an actionable message when:
-    ``keep_ratio`` is outside ``(0, 1]``; it keeps no token; or, under sequence parallelism,
+    ``keep_ratio`` is in ``(0, 1]`` (`TokenDropConfig`). Raises ``ValueError`` with an
+    actionable message when it keeps no token of ``seq_length``; or, under sequence parallelism,
     ``seq_length`` is not divisible by ``tp_size`` or ``k`` is not (the message names the
     nearest valid keep ratios).
     """
@@ -58,13 +58,8 @@ def num_kept(
         raise ValueError(f"seq_length must be a positive int, got {seq_length!r}")
     if isinstance(tp_size, bool) or not isinstance(tp_size, int) or tp_size <= 0:
         raise ValueError(f"tp_size must be a positive int, got {tp_size!r}")
-    try:
-        ratio = float(keep_ratio)
-    except (TypeError, ValueError):
-        raise ValueError(f"keep ratio must be a number in (0, 1], got {keep_ratio!r}") from None
-    if not 0.0 < ratio <= 1.0:  # also rejects NaN
-        raise ValueError(f"keep ratio must be in (0, 1], got {keep_ratio!r}")
-    k = _round_half_up(ratio * seq_length)
+    # The ratio's range is checked where the value is set (`TokenDropConfig`).
+    k = _round_half_up(float(keep_ratio) * seq_length)
     if k == 0:
         raise ValueError(
             f"keep ratio {keep_ratio} keeps no token of {seq_length}; "

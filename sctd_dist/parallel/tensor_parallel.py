@@ -64,7 +64,7 @@ class VocabParallelEmbedding(_StaticGroupSize, _McoreEmbedding):
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self.tied = TiedWeight()
+        self.tied: TiedWeight | None = TiedWeight()  # None: plain autograd gradients
 
     def forward(self, input_: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         """Embeddings of global ids [b, s] -> [b, s, h], summed over the TP group."""

@@ -30,11 +30,11 @@ class TiedGradient:
 
 class TiedWeight:
     """Shared by the embedding module and the decoder: each lookup starts a pass (`current`),
-    the decoder that follows joins it. `enabled = False` gives plain autograd gradients."""
+    the decoder that follows joins it. (A module whose `tied` is None gets plain autograd
+    gradients.)"""
 
     def __init__(self) -> None:
         self.current: TiedGradient | None = None
-        self.enabled = True
 
 
 class _Lookup(torch.autograd.Function):
@@ -77,10 +77,12 @@ def decoder_slot(tied: TiedWeight | None) -> TiedGradient | None:
     return tied.current
 
 
-def lookup(ids: torch.Tensor, weight: torch.Tensor, tied: TiedWeight) -> torch.Tensor:
+def lookup(ids: torch.Tensor, weight: torch.Tensor, tied: TiedWeight | None) -> torch.Tensor:
     """`F.embedding(ids, weight)`, starting a pass of `tied` whose gradient is assembled as
-    described above (plain autograd when disabled or when no gradient is recorded)."""
-    active = tied.enabled and torch.is_grad_enabled() and weight.requires_grad
+    described above (plain autograd when `tied` is None or when no gradient is recorded)."""
+    if tied is None:
+        return F.embedding(ids, weight)
+    active = torch.is_grad_enabled() and weight.requires_grad
     tied.current = TiedGradient() if active else None  # never a stale pass for the decoder
     if tied.current is None:
         return F.embedding(ids, weight)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-import warnings
 
 import numpy as np
 import pytest
@@ -136,14 +135,11 @@ def test_state_and_argument_errors(prepared) -> None:
     ld = _loader(prepared)
     state = ld.state_dict()
     assert set(state) >= {"consumed_samples", "epoch"}
-    with pytest.raises(ValueError, match="--seed 5"):
-        _loader(prepared, seed=6).load_state_dict(state)
-    with pytest.raises(ValueError, match="same --data-path"):
-        ld.load_state_dict({**state, "num_samples": state["num_samples"] + 1})
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        _loader(prepared, global_batch_size=2 * G).load_state_dict(state)
-    assert any("global batch size changed" in str(w.message) for w in caught)
+    # Another seed, row count or global batch is the resume plan's to refuse or report
+    # (tests/test_run_record.py); the loader only takes the position.
+    wider = _loader(prepared, global_batch_size=2 * G)
+    wider.load_state_dict({**state, "consumed_samples": 3 * G})
+    assert wider.consumed_samples == 3 * G
 
 
 def test_whole_word_masking_through_the_loader(prepared, hf_tokenizer) -> None:
@@ -171,7 +167,7 @@ def test_validation_loader(prepared) -> None:
     assert len({len(ld) for ld in loaders}) == 1 and len(loaders[0]) == -(-n // 12)
     seen = []
     for r, ld in enumerate(loaders):
-        first_pass, second_pass = list(ld), list(ld)
+        first_pass, second_pass = ([ld.batch(i) for i in range(len(ld))] for _ in range(2))
         assert all(_equal(a, b) for a, b in zip(first_pass, second_pass))  # fixed masks
         for step, b in enumerate(first_pass):
             idx = ld.sample_indices(step)

@@ -14,7 +14,8 @@ import pytest
 
 from sctd_dist.data.dataset import PackedDataset, load_tokenizer, read_metadata
 from sctd_dist.data.packing import is_validation_document
-from sctd_dist.data.prepare import ensure_sample_dataset, prepare_corpus
+from sctd_dist.data.prepare import prepare_corpus
+from sctd_dist.data.sample_cache import ensure_sample_dataset
 from tests.data.conftest import SEQ
 from tests.data.helpers import assert_row_layout, flat, reference_ids, strip_specials
 
@@ -217,9 +218,7 @@ def test_tokenizer_without_mask_token(tmp_path, small_corpus, hf_cache) -> None:
         _prepare([small_corpus], tmp_path / "out", tmp_path / "tok", hf_cache)
 
 
-def test_sequence_longer_than_model_positions(tmp_path, small_corpus, tokenizer_dir, hf_cache, prepared) -> None:
-    from sctd_dist.data.dataset import check_compatible
-
+def test_sequence_longer_than_model_positions(tmp_path, small_corpus, tokenizer_dir, hf_cache) -> None:
     with pytest.raises(ValueError, match="position"):
         _prepare([small_corpus], tmp_path / "a", tokenizer_dir, hf_cache, max_position_embeddings=32)
     model_dir = tmp_path / "model"  # a model folder: its config.json sets the limit
@@ -229,14 +228,11 @@ def test_sequence_longer_than_model_positions(tmp_path, small_corpus, tokenizer_
     (model_dir / "config.json").write_text(json.dumps({"model_type": "bert", "max_position_embeddings": 48}))
     with pytest.raises(ValueError, match="48"):
         _prepare([small_corpus], tmp_path / "b", model_dir, hf_cache)
-    with pytest.raises(ValueError, match="max_position_embeddings"):
-        check_compatible(prepared, max_position_embeddings=SEQ - 1)
-    assert check_compatible(prepared, max_position_embeddings=SEQ)["seq_length"] == SEQ
+    # Training's own check of rows against a model: tests/model/test_config.py (check_seq_length).
 
 
 def test_folder_made_with_another_tokenizer(tmp_path, small_corpus, small_texts, tokenizer_dir, hf_cache,
                                             prepared) -> None:
-    from sctd_dist.data.dataset import check_compatible
     from sctd_dist.data.tokenizer import train_wordpiece_tokenizer
 
     other = tmp_path / "other_tok"
@@ -246,11 +242,15 @@ def test_folder_made_with_another_tokenizer(tmp_path, small_corpus, small_texts,
     with pytest.raises(ValueError, match="another tokenizer"):
         prepare_corpus([str(small_corpus)], prepared, SEQ, train_tokenizer_vocab=1000,
                        datasets_cache_dir=hf_cache, progress=False)
-    with pytest.raises(ValueError, match="another tokenizer"):
-        check_compatible(prepared, max_position_embeddings=512, tokenizer=str(other))
-    assert check_compatible(prepared, max_position_embeddings=512, tokenizer=str(tokenizer_dir))
-    with pytest.raises(ValueError, match="vocab_size"):
-        check_compatible(prepared, max_position_embeddings=512, vocab_size=1000)
+    # Training refuses a model vocabulary smaller than the data's tokenizer (sctd_dist.run).
+    from sctd_dist.arguments import TrainConfig
+    from sctd_dist.run import model_config
+
+    model_cfg = tmp_path / "small_vocab.json"
+    model_cfg.write_text(json.dumps({"vocab_size": 1000}))
+    vocab = json.loads((prepared / "metadata.json").read_text())["vocab_size"]
+    with pytest.raises(ValueError, match="vocab_size 1000 of the model is smaller than the tokenizer's"):
+        model_config(TrainConfig(model_config=model_cfg, seq_length=SEQ), vocab, prepared)
 
 
 def test_rerun_after_a_kill_right_after_the_tokenizer_was_saved(tmp_path, small_corpus, hf_cache) -> None:
@@ -304,3 +304,19 @@ def test_sample_dataset_is_built_once_and_fast(tmp_path) -> None:
     assert ensure_sample_dataset(tmp_path, seq_length=128, vocab_size=8192) == out
     assert time.perf_counter() - t0 < 2.0
     assert len(load_tokenizer(out)) == 8192
+
+
+def test_cli_flags_come_from_one_declaration(tmp_path, capsys) -> None:
+    from sctd_dist.data.prepare import PrepareConfig, build_parser, main
+    from sctd_dist.flags import from_flags
+
+    cfg = from_flags(PrepareConfig, build_parser().parse_args(
+        ["--input", "a.txt", "b.jsonl", "--seq-length", "64", "--out", "o", "--no-progress"]))
+    assert cfg.input == ["a.txt", "b.jsonl"] and cfg.seq_length == 64 and cfg.progress is False
+    with pytest.raises(SystemExit) as exc:  # a required flag missing: argparse's one line
+        main(["--input", "a.txt", "--out", str(tmp_path / "o")])
+    assert exc.value.code == 2 and "--seq-length" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        main(["--input", "a.txt", "--seq-length", "64", "--out", str(tmp_path / "o")])
+    assert exc.value.code == 2 and "give exactly one of --tokenizer" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()  # refused before any file was written

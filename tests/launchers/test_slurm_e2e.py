@@ -150,7 +150,7 @@ def test_large_script_two_phases_with_srun_launcher(tmp_path, data_dir):
     """Phase 2 (longer sequences) starts from phase 1's final checkpoint and continues its step
     counter; a requeue of the finished job launches nothing. Here with LAUNCHER=srun: one srun task
     per rank, train.py maps the SLURM variables itself."""
-    from sctd_dist.data.prepare import ensure_sample_dataset
+    from sctd_dist.data.sample_cache import ensure_sample_dataset
 
     short = ensure_sample_dataset(Path(data_dir).parent, seq_length=32)
     env = fake_slurm.base_env(tmp_path)

@@ -67,6 +67,12 @@ def test_token_drop_validation():
         TokenDropConfig(keep_ratio=0.0)
     with pytest.raises(ValueError, match="keep-ratio"):
         TokenDropConfig(keep_ratio=1.2)
+    for ratio in (-0.5, 1.5, float("nan")):
+        with pytest.raises(ValueError, match="keep-ratio"):
+            TokenDropConfig(keep_ratio=ratio)
+    for beta in (1.0, -0.1, float("nan")):  # the importance table's EMA factor
+        with pytest.raises(ValueError, match="--importance-beta must be"):
+            TokenDropConfig(importance_beta=beta)
     with pytest.raises(ValueError, match="at least 4 layers"):
         TokenDropConfig().resolve_split_layer(3)
     with pytest.raises(ValueError, match="split layer 11 out of range for 12 layers"):

@@ -52,9 +52,6 @@ def test_initial_table_pinned_and_registered_as_buffer() -> None:
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        (dict(beta=1.0), "beta"),
-        (dict(beta=-0.1), "beta"),
-        (dict(beta=float("nan")), "beta"),
         (dict(high_ids=(2, V)), "high id"),
         (dict(high_ids=(-1,)), "high id"),
         (dict(pad_id=V), "pad_id"),
@@ -155,12 +152,9 @@ def test_stats_are_exact_sums_and_counts() -> None:
     assert torch.equal(sums, exp_s) and torch.equal(counts, exp_c)
 
 
-def test_lookup_state_dict_roundtrip_and_dtype_casts_keep_fp32() -> None:
+def test_state_dict_roundtrip_and_dtype_casts_keep_fp32() -> None:
     imp = make()
     imp.update(torch.tensor([10, 11, 10]), torch.tensor([1.234567, 2.0, 3.0]))
-    ids = torch.tensor([[CLS, 10, 11, PAD]])
-    looked = imp.lookup(ids)
-    assert looked.shape == ids.shape and torch.equal(looked, imp.scores[ids])
     other = make()
     other.load_state_dict(imp.state_dict())
     assert torch.equal(other.scores, imp.scores)

@@ -108,8 +108,7 @@ def test_importance_update_uses_the_dropping_pass_losses(ctx1):
     with torch.no_grad():
         ref = model.mlm(batch["input_ids"], batch["attention_mask"], batch["labels"],
                         routing=routing, split_layer=model.split_layer)
-    model(batch, step=1)
-    model.update_importance()
+    model(batch, step=1)  # one micro-batch per step: its forward updates the table
     after = model.importance.scores
     for v in ref.targets.unique().tolist():
         if v in SPECIALS.all:
@@ -119,6 +118,24 @@ def test_importance_update_uses_the_dropping_pass_losses(ctx1):
     untouched = torch.ones_like(before, dtype=torch.bool)
     untouched[ref.targets] = False
     assert torch.equal(after[untouched], before[untouched])
+
+
+def test_the_importance_table_moves_once_per_step_after_its_last_micro_batch(ctx1):
+    model = _model(ctx1, mode="vanilla", importance_beta=0.9)
+    model.micro_batches_per_step = 2
+    first, second = make_batch(seq=16, seed=1), make_batch(seq=16, seed=2)
+    before = model.importance.scores.clone()
+    model(first, step=0)
+    assert torch.equal(model.importance.scores, before)  # mid-step: the routing stays the same
+    model(second, step=0)
+    moved = model.importance.scores.clone()
+    assert not torch.equal(moved, before)
+    one_step = _model(ctx1, mode="vanilla", importance_beta=0.9)  # both micro-batches' losses at once
+    one_step(dict((k, torch.cat([first[k], second[k]])) for k in first), step=0)
+    torch.testing.assert_close(moved, one_step.importance.scores)
+    model.eval()
+    model(first, step=1)  # evaluation passes leave the table alone
+    assert torch.equal(model.importance.scores, moved)
 
 
 def test_sequence_length_checked_against_the_layout():

@@ -65,7 +65,9 @@ def test_num_kept_rounds_half_up() -> None:
     assert num_kept(128, 0.5, tp_size=4, sequence_parallel=True) == 64
 
 
-@pytest.mark.parametrize("ratio", [0.0, -0.5, 1.5, float("nan"), 0.001])
+# A ratio outside (0, 1] is refused where it is set (tests/model/test_config.py); here: ratios
+# that keep no token of this sequence length.
+@pytest.mark.parametrize("ratio", [0.0, 0.001])
 def test_num_kept_rejects_bad_ratio(ratio) -> None:
     with pytest.raises(ValueError, match="keep ratio"):
         num_kept(128, ratio)

@@ -194,11 +194,10 @@ def test_read_only_save_is_refused_at_start(tmp_path, data_dir, capsys):
     from tests.mounts import tmpfs
     from sctd_dist.train import main
 
-    with tmpfs(tmp_path / "ro", "1m", read_only=True) as ro:
-        with pytest.raises(SystemExit) as exc:
-            main(["--data-path", str(data_dir), "--seq-length", "64", "--save", str(ro / "ckpt")])
+    with tmpfs(tmp_path / "ro", "1m", read_only=True) as ro:  # found at start, not at parsing
+        code = main(["--data-path", str(data_dir), "--seq-length", "64", "--save", str(ro / "ckpt")])
     err = capsys.readouterr().err
-    assert exc.value.code == 2 and f"--save {ro / 'ckpt'} is not writable" in err and "Read-only" in err
+    assert code == 2 and f"--save {ro / 'ckpt'} is not writable" in err and "Read-only" in err
 
 
 def test_empty_validation_split_is_a_warning_without_evaluation(tmp_path, data_dir, capsys):

@@ -167,7 +167,7 @@ def test_damaged_newest_checkpoint_is_named_and_the_previous_one_resumed(straigh
     assert matches, sorted(p.name for p in (ckpt / "global_step12").iterdir())
     damage(matches[0])
     tag, record, warnings = checkpoint.choose_checkpoint(ckpt)
-    assert tag == "global_step6" and record["step"] == 6
+    assert tag == "global_step6" and record.step == 6
     assert len(warnings) == 1 and str(matches[0]) in warnings[0] and "skipping global_step12" in warnings[0]
     with pytest.raises(checkpoint.CheckpointError) as err:
         checkpoint.choose_checkpoint(ckpt, on_bad="stop")
@@ -201,7 +201,7 @@ def test_restart_without_latest_over_a_truncated_checkpoint(straight_runs, data_
     got = launch.losses(tmp_path / "job" / "logs")
     assert sorted(got) == list(range(6, STEPS)) and all(got[s] == ref[s] for s in got)
     assert (ckpt / checkpoint.LATEST).read_text() == "global_step12"
-    assert checkpoint.verify(ckpt, "global_step12")["step"] == 12  # replaced by a whole one
+    assert checkpoint.verify(ckpt, "global_step12").step == 12  # replaced by a whole one
     assert (ckpt / "global_step6" / "mp_rank_00_model_states.pt").read_bytes() == good
 
 
@@ -222,7 +222,7 @@ def test_disk_full_during_a_save_keeps_the_last_checkpoint(data_dir, tmp_path):
         assert f"{disk / 'ckpt' / 'latest'} still names global_step2" in proc.stderr
         assert "Traceback" not in proc.stderr
         assert sorted(p.name for p in (disk / "ckpt").iterdir() if p.is_dir()) == ["global_step2"]
-        assert checkpoint.verify(disk / "ckpt", "global_step2")["step"] == 2
+        assert checkpoint.verify(disk / "ckpt", "global_step2").step == 2
         again = subprocess.run([sys.executable, "-m", "sctd_dist.train", *args], cwd=launch.REPO,
                                env=launch.env(), capture_output=True, text=True, timeout=300)
         assert again.returncode == 2 and "MiB free, but a checkpoint of this run takes about" in again.stderr
