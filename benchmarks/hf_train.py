@@ -1,5 +1,5 @@
-"""The reference arm of `train_vs_hf.py`: transformers' BertForMaskedLM trained the way
-`sctd_dist/train.py` trains our model.
+"""The reference arm of `train_vs_hf.py`: transformers' BertForMaskedLM (ModernBertForMaskedLM with
+`--arch modernbert`) trained the way `sctd_dist/train.py` trains our model.
 
 Same flags as train.py (`--deepspeed_config`, `--model`, `--seq-length`, batch sizes, ...; the
 token-drop flags are ignored), the same data pipeline, DeepSpeed engine settings, step timer and
@@ -19,7 +19,6 @@ import torch  # noqa: E402
 
 def main(argv: list[str] | None = None) -> int:
     import deepspeed
-    from transformers import BertForMaskedLM
 
     from sctd_dist.arguments import parse_args
     from sctd_dist.data.loader import PretrainingDataLoader
@@ -27,6 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     from sctd_dist.ds_config import load_ds_config
     from sctd_dist.flops import step_flops
     from sctd_dist.metrics import MetricsLogger, StepTimer, engine_stats
+    from sctd_dist.model.arch import hf_class
     from sctd_dist.model.config import TokenDropConfig
     from sctd_dist.parallel import MegatronMPU, initialize
     from sctd_dist.run import model_config, open_data, prepare_ds_config
@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
         print("error: the transformers reference runs at --tensor-model-parallel-size 1", file=sys.stderr)
         return 2
     data_dir, train_set, _ = open_data(cfg)
-    model_cfg = model_config(cfg, train_set.vocab_size, data_dir)
+    model_cfg = model_config(cfg, train_set.vocab_size, data_dir, train_set.special_ids)
     ctx = initialize(1, seed=cfg.seed)
     ds, _ = prepare_ds_config(cfg, load_ds_config(cfg.deepspeed_config), ctx.dp_size, ctx.device.type)
     masking = MaskingConfig(mlm_probability=cfg.mlm_probability, whole_word_masking=cfg.whole_word_masking)
@@ -45,7 +45,9 @@ def main(argv: list[str] | None = None) -> int:
     loader = PretrainingDataLoader(train_set, global_batch_size=batch,
                                    micro_batch_size=ds["train_micro_batch_size_per_gpu"],
                                    dp_rank=ctx.dp_rank, dp_size=ctx.dp_size, seed=cfg.seed, masking=masking)
-    model = BertForMaskedLM(model_cfg.to_hf_config()).to(ctx.device)
+    model = hf_class(model_cfg)(model_cfg.to_hf_config()).to(ctx.device)
+    accepted = {"input_ids", "attention_mask", "labels"} | (
+        {"token_type_ids"} if model_cfg.arch == "bert" else set())
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=list(model.parameters()),
                                            config=ds, mpu=MegatronMPU(), dist_init_required=False)
     logger = MetricsLogger(cfg.log_dir, ctx.device, world_size=ctx.world_size,
@@ -61,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         batches = next(loader)
         loss = torch.zeros(())
         for micro in batches:
-            out = engine(**_to_device(micro, ctx.device))
+            out = engine(**_to_device({k: v for k, v in micro.items() if k in accepted}, ctx.device))
             engine.backward(out.loss)
             engine.step()
             loss += out.loss.detach().float()

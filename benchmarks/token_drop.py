@@ -10,6 +10,13 @@ its number is the mean over the interval. The reported time is the median over r
     python benchmarks/token_drop.py --quick       # smoke run
     python benchmarks/token_drop.py               # full CPU run -> results/token_drop.json
     python benchmarks/token_drop.py --device cuda --width 1024 --heads 16 --inter 4096 --batch-mult 16
+    python benchmarks/token_drop.py --arch modernbert --layers 12 --seqs 512,1024 --repeats 1
+                                                  # ModernBERT block -> results/token_drop_modernbert.json
+
+With --arch modernbert the FFN is a GeGLU (--inter is its intermediate size, default 1.5 x width
+as in ModernBERT-base), so its matmul FLOPs count as an FFN of 1.5 x --inter; every 3rd layer is
+global and the others slide a 128-token window, whose attention the CPU kernel computes in full
+and masks (so the theory counts full attention for them too).
 
 Theoretical saving: see `theory()` below (matmul FLOPs of the layer schedule, SPEC 2.1 / 6).
 realised fraction = measured saving / theoretical saving, where saving = 1 - t_mode / t_none.
@@ -41,6 +48,7 @@ DEFAULT_BATCH = {(12, 128): 4, (12, 512): 1, (24, 128): 4, (24, 512): 1}
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     common.add_common_args(p)
+    p.add_argument("--arch", choices=("bert", "modernbert"), default="bert")
     p.add_argument("--layers", default="12,24")
     p.add_argument("--seqs", default="128,512")
     p.add_argument("--width", type=int, default=None, help="hidden size (default 256; quick 64)")
@@ -153,15 +161,11 @@ def make_step(model, opt, batch, device):
 
 
 def run_case(L: int, T: int, args, ctx, device) -> dict:
-    from sctd_dist.model.config import BertModelConfig, TokenDropConfig
+    from sctd_dist.model.config import TokenDropConfig
 
     h, heads = args.width, args.heads
-    f = args.inter or 4 * h
-    overrides = dict(num_hidden_layers=L, hidden_size=h, num_attention_heads=heads,
-                     intermediate_size=f, vocab_size=args.vocab, max_position_embeddings=max(512, T))
-    if args.dropout is not None:
-        overrides.update(hidden_dropout_prob=args.dropout, attention_probs_dropout_prob=args.dropout)
-    cfg = BertModelConfig.from_preset("tiny", **overrides)
+    cfg, overrides = model_config(L, T, args)
+    f = cfg.intermediate_size * 3 // 2 if args.arch == "modernbert" else cfg.intermediate_size
     bsz = args.batch or (1 if args.quick else DEFAULT_BATCH.get((L, T), 1)) * args.batch_mult
     batch = common.mlm_batch(bsz, T, args.vocab, args.mask_frac, device, args.seed + T)
     masked = int((batch["labels"][0] >= 0).sum())
@@ -234,7 +238,8 @@ def run_case(L: int, T: int, args, ctx, device) -> dict:
     pkg = package_flops(cfg, L, T, masked, args.keep_ratio, Fi)
     return {
         "layers": L, "seq": T, "batch": bsz, "masked_per_seq": masked,
-        "config": {**overrides, "hidden_dropout_prob": cfg.hidden_dropout_prob,
+        "config": {**overrides, "arch": args.arch, "ffn_matmul_width": f,
+                   "hidden_dropout_prob": getattr(cfg, "hidden_dropout_prob", cfg.embedding_dropout),
                    "attention_probs_dropout_prob": cfg.attention_probs_dropout_prob,
                    "keep_ratio": args.keep_ratio, "sctd_interval": Fi, "dtype": args.dtype,
                    "optimizer": f"torch.optim.AdamW(lr={args.lr})"},
@@ -268,6 +273,24 @@ def run_case(L: int, T: int, args, ctx, device) -> dict:
                   "sctd_ratio_le_0.87_min": min_ratio["sctd"] <= 0.87},
         "loadavg_before_after": [load0, common.loadavg()],
     }
+
+
+def model_config(L: int, T: int, args):
+    """(config, the overrides it was made with) of the benchmarked encoder."""
+    from sctd_dist.model.arch import config_from_preset
+
+    h = args.width
+    modern = args.arch == "modernbert"
+    overrides = dict(num_hidden_layers=L, hidden_size=h, num_attention_heads=args.heads,
+                     intermediate_size=args.inter or (3 * h // 2 if modern else 4 * h),
+                     vocab_size=args.vocab, max_position_embeddings=max(512, T))
+    if modern:
+        overrides.update(local_attention=128, pad_token_id=0, cls_token_id=2, sep_token_id=3)
+    if args.dropout is not None:
+        names = ("embedding_dropout", "attention_dropout", "mlp_dropout") if modern else (
+            "hidden_dropout_prob", "attention_probs_dropout_prob")
+        overrides.update({n: args.dropout for n in names})
+    return config_from_preset(args.arch, "tiny", **overrides), overrides
 
 
 def yes_no(*verdicts: bool | None) -> str:
@@ -338,7 +361,7 @@ def main(argv=None) -> int:
     payload = {"benchmark": "token_drop", "environment": env, "settings": dict(vars(args)),
                "step": "zero_grad + forward(batch, step) (which updates the importance table) + backward + AdamW.step",
                "wall_s": wall, "cases": cases, "markdown": md}
-    common.write_json(args, "token_drop", payload)
+    common.write_json(args, "token_drop" if args.arch == "bert" else f"token_drop_{args.arch}", payload)
     return 0
 
 

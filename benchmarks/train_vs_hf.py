@@ -51,6 +51,8 @@ def interval_rates(records: list[dict[str, Any]], interval: int = 10) -> list[fl
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--arch", choices=("bert", "modernbert"), default="bert",
+                   help="encoder (modernbert: against transformers' ModernBertForMaskedLM)")
     p.add_argument("--model", default="tiny", help="model preset (vocabulary: the sample tokenizer's)")
     p.add_argument("--seq-length", type=int, default=128)
     p.add_argument("--micro-batch", type=int, default=8)
@@ -80,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     from sctd_dist.data.sample_cache import ensure_sample_dataset
 
     ensure_sample_dataset(cache, seq_length=args.seq_length)
-    base = ["--deepspeed_config", str(args.ds_config), "--model", args.model,
+    base = ["--deepspeed_config", str(args.ds_config), "--arch", args.arch, "--model", args.model,
             "--seq-length", str(args.seq_length), "--micro-batch-size", str(args.micro_batch),
             "--global-batch-size", str(args.global_batch), "--train-iters", str(args.train_iters),
             "--eval-iters", "0", "--data-cache", str(cache)]
@@ -121,6 +123,8 @@ def main(argv: list[str] | None = None) -> int:
     print(table)
     for g in goals:
         print(f"{'PASS' if g['pass'] else 'FAIL'}  {g['goal']} ({g['value']:.2f})")
+    if args.arch != "bert" and args.out == common.RESULTS_DIR / "train_vs_hf.json":
+        args.out = common.RESULTS_DIR / f"train_vs_hf_{args.arch}.json"
     common.write_json(args, "train_vs_hf", payload)
     return 0
 

@@ -16,6 +16,7 @@ from sctd_dist.checkpoint import ON_BAD, complete_tags
 from sctd_dist.data.mixture import DataSource, parse_data_path
 from sctd_dist.flags import add_flags, flag, from_flags
 from sctd_dist.lr_schedule import LRScheduleConfig
+from sctd_dist.model.arch import ARCHS, hf_model_type
 from sctd_dist.model.config import PRESETS, TokenDropConfig
 from sctd_dist.typed import check_types
 
@@ -32,10 +33,17 @@ class TrainConfig:
     deepspeed_config: Path = flag(DEFAULT_DS_CONFIG, "DeepSpeed JSON (ZeRO stage, precision, optimizer, "
                                   "batch sizes)", name="--deepspeed_config", aliases=("--deepspeed-config",),
                                   group=_DATA)
+    arch: str | None = flag(None, "encoder architecture (default: bert, or the --init-hf folder's)",
+                            choices=ARCHS, group=_DATA)
     model: str = flag("tiny", "model preset", choices=sorted(PRESETS), group=_DATA)
-    model_config: Path | None = flag(None, "JSON of transformers.BertConfig fields overriding the preset",
+    model_config: Path | None = flag(None, "JSON of transformers.BertConfig (--arch bert) or "
+                                     "ModernBertConfig (--arch modernbert) fields overriding the preset",
                                      group=_DATA)
-    init_hf: Path | None = flag(None, "start from a Hugging Face BertForMaskedLM folder", group=_DATA)
+    init_hf: Path | None = flag(None, "start from a Hugging Face BertForMaskedLM or ModernBertForMaskedLM "
+                                "folder (architecture and shape from its config.json)", group=_DATA)
+    attention_within_documents: bool | None = flag(
+        None, "a token attends only to its own document of a packed row (default: on for "
+        "modernbert, off for bert)", group=_DATA)
     data_path: list[str] | None = flag(None, "prepared shards: one folder, or a weighted blend "
                                        "`W1 DIR1 W2 DIR2 ...` (weights normalised; default: the embedded "
                                        "sample corpus)", metavar="DIR", group=_DATA)
@@ -121,6 +129,20 @@ class TrainConfig:
             return None
         paths = [self.data_path] if isinstance(self.data_path, (str, Path)) else self.data_path
         return parse_data_path(paths)
+
+    @property
+    def model_arch(self) -> str:
+        """The architecture: --arch, else the --init-hf folder's, else bert."""
+        if self.arch is not None:
+            return self.arch
+        return hf_model_type(Path(self.init_hf)) if self.init_hf is not None else "bert"
+
+    @property
+    def within_documents(self) -> bool:
+        """--attention-within-documents, defaulting by architecture."""
+        if self.attention_within_documents is not None:
+            return self.attention_within_documents
+        return self.model_arch == "modernbert"
 
     @property
     def load_dir(self) -> Path | None:

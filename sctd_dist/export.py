@@ -1,7 +1,7 @@
 """`python -m sctd_dist.export --checkpoint DIR [--tag T] --out HF_DIR`
 
 Consolidates a training checkpoint (any ZeRO stage, any TP size) into a Hugging Face
-`BertForMaskedLM` folder (safetensors + config + tokenizer) that loads with no custom code.
+`BertForMaskedLM` or `ModernBertForMaskedLM` folder (safetensors + config + tokenizer) that loads with no custom code.
 
 ZeRO-3 and TP>1 shards are merged by reading DeepSpeed's fp32 master weights per data-parallel
 partition (DeepSpeed's own zero_to_fp32 cannot merge TP shards), so this runs in one process on
@@ -23,7 +23,7 @@ import torch
 from sctd_dist import checkpoint, run_record
 from sctd_dist.flags import add_flags, flag, from_flags
 from sctd_dist.hf import merge_shards, save_hf
-from sctd_dist.model.config import BertModelConfig
+from sctd_dist.model.arch import HF_CLASSES, ModelConfig, arch_of, config_from_dict
 from sctd_dist.run_record import RunRecord
 
 _PREFIX = "mlm."  # the BERT inside PretrainingModel
@@ -50,7 +50,7 @@ def _tp_rank_state(folder: Path, tp_rank: int, zero_stage: int) -> dict[str, tor
     return {k[len(_PREFIX):]: v.float() for k, v in state.items() if k.startswith(_PREFIX)}
 
 
-def consolidate(checkpoint_dir: Path, tag: str | None = None) -> tuple[dict[str, torch.Tensor], BertModelConfig,
+def consolidate(checkpoint_dir: Path, tag: str | None = None) -> tuple[dict[str, torch.Tensor], ModelConfig,
                                                                         RunRecord]:
     """(Hugging Face state dict, model config, run record) of a checkpoint."""
     checkpoint_dir = Path(checkpoint_dir)
@@ -61,7 +61,7 @@ def consolidate(checkpoint_dir: Path, tag: str | None = None) -> tuple[dict[str,
     if not (folder / checkpoint.RUN_FILE).is_file():
         raise ValueError(f"{folder} is not a complete sctd-dist checkpoint")
     run = checkpoint.verify(checkpoint_dir, tag)  # names a missing, truncated or garbled file
-    cfg = BertModelConfig(**run.model)
+    cfg = config_from_dict(run.model)
     shards = [_tp_rank_state(folder, r, run.zero_stage) for r in range(run.tensor_model_parallel_size)]
     return merge_shards(shards, cfg), cfg, run
 
@@ -133,7 +133,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(f"exported Hugging Face BertForMaskedLM to {out}")
+    model = HF_CLASSES[arch_of(config_from_dict(run_record.read(out / run_record.FILE).model))]
+    print(f"exported Hugging Face {model} to {out}")
     return 0
 
 

@@ -71,7 +71,9 @@ def add_flags(parser: argparse.ArgumentParser, cls: type, prefix: str = "",
             options["default"] = default
         if typing.get_origin(kind) is list:  # one or more values of the item type
             kind, options["nargs"] = typing.get_args(kind)[0], "+"
-        if kind is bool:
+        if kind is bool and default is None:  # unset means "decided elsewhere": --x and --no-x
+            options["action"] = argparse.BooleanOptionalAction
+        elif kind is bool:
             options["action"] = "store_false" if default else "store_true"
         elif typing.get_origin(kind) is Literal:
             options.update(type=type(default), choices=list(typing.get_args(kind)))

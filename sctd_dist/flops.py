@@ -44,7 +44,9 @@ def sequence_forward_flops(cfg: BertModelConfig, seq: int, masked: float,
                            kept: int | None = None, split_layer: int | None = None) -> float:
     """Forward FLOPs for one sequence of `seq` tokens with `masked` predicted positions."""
     h = cfg.hidden_size
-    total = encoder_forward_flops(cfg.num_hidden_layers, seq, kept, split_layer, h, cfg.intermediate_size)
+    # A GLU's input projection is twice as wide: its FFN costs 3 h x f GEMMs, BERT's 2.
+    ffn = cfg.intermediate_size * (3 if getattr(cfg, "arch", "bert") == "modernbert" else 2) // 2
+    total = encoder_forward_flops(cfg.num_hidden_layers, seq, kept, split_layer, h, ffn)
     return total + 2 * masked * (h * h + h * cfg.vocab_size)  # MLM head at masked positions only
 
 

@@ -1,4 +1,5 @@
-"""Hugging Face interop: our TP-sharded BERT <-> `transformers.BertForMaskedLM`.
+"""Hugging Face interop: our TP-sharded models <-> `transformers.BertForMaskedLM` /
+`transformers.ModernBertForMaskedLM`.
 
 Our module names equal Hugging Face's, so the mapping is only about shapes: which tensors are
 split over TP ranks (and along which dimension), the vocabulary padding, and the tied decoder.
@@ -11,28 +12,26 @@ from typing import Iterable, Mapping
 
 import torch
 
-from sctd_dist.model.config import BertModelConfig
+from sctd_dist.model.arch import HF_TIED, ModelConfig, arch_of, hf_class
 from sctd_dist.parallel import layout
-
-# Present in Hugging Face's state dict only as ties of tensors we keep once.
-_HF_TIED = ("cls.predictions.decoder.weight", "cls.predictions.decoder.bias")
 
 
 def hf_to_shard(
-    hf_state: Mapping[str, torch.Tensor], cfg: BertModelConfig, tp_size: int, tp_rank: int
+    hf_state: Mapping[str, torch.Tensor], cfg: ModelConfig, tp_size: int, tp_rank: int
 ) -> dict[str, torch.Tensor]:
-    """This TP rank's slice of a BertForMaskedLM state dict, under our parameter names."""
+    """This TP rank's slice of a transformers masked-LM state dict, under our parameter names."""
     out: dict[str, torch.Tensor] = {}
     padded = cfg.padded_vocab_size(tp_size)
+    tied = HF_TIED[arch_of(cfg)]
     for name, tensor in hf_state.items():
-        if name in _HF_TIED or name.endswith("position_ids"):
+        if name in tied or name.endswith("position_ids"):
             continue
         out[name] = layout.split(tensor.detach().cpu(), name, tp_size, tp_rank, padded).clone()
     return out
 
 
 def load_hf_state_dict(model: torch.nn.Module, hf_state: Mapping[str, torch.Tensor]) -> None:
-    """Copy a BertForMaskedLM state dict into our model at its TP size and rank."""
+    """Copy a transformers masked-LM state dict into our model at its TP size and rank."""
     ctx = model.ctx
     shard = hf_to_shard(hf_state, model.config, ctx.tp_size, ctx.tp_rank)
     own = model.state_dict()
@@ -47,21 +46,21 @@ def load_hf_state_dict(model: torch.nn.Module, hf_state: Mapping[str, torch.Tens
 
 
 def merge_shards(
-    shards: Iterable[Mapping[str, torch.Tensor]], cfg: BertModelConfig
+    shards: Iterable[Mapping[str, torch.Tensor]], cfg: ModelConfig
 ) -> dict[str, torch.Tensor]:
-    """Rank-ordered TP shards of our model -> a BertForMaskedLM state dict (vocab unpadded)."""
+    """Rank-ordered TP shards of our model -> a transformers masked-LM state dict (vocab unpadded)."""
     shards = list(shards)
     merged: dict[str, torch.Tensor] = {}
     for name in shards[0]:
         parts = [s[name].detach().cpu() for s in shards]
         merged[name] = layout.merge(parts, name, cfg.vocab_size).clone()
-    merged["cls.predictions.decoder.weight"] = merged["bert.embeddings.word_embeddings.weight"]
-    merged["cls.predictions.decoder.bias"] = merged["cls.predictions.bias"]
+    for tie, source in HF_TIED[arch_of(cfg)].items():
+        merged[tie] = merged[source]
     return merged
 
 
 def gather_hf_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor] | None:
-    """All TP ranks call this; TP rank 0 receives the merged BertForMaskedLM state dict."""
+    """All TP ranks call this; TP rank 0 receives the merged transformers state dict."""
     import torch.distributed as dist
 
     ctx = model.ctx
@@ -73,19 +72,18 @@ def gather_hf_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor] | No
     return merge_shards(shards, model.config) if ctx.tp_rank == 0 else None
 
 
-def to_hf_model(state: Mapping[str, torch.Tensor], cfg: BertModelConfig):
-    """A `transformers.BertForMaskedLM` holding `state` (fp32)."""
-    from transformers import BertForMaskedLM as HFBertForMaskedLM
-
-    hf = HFBertForMaskedLM(cfg.to_hf_config())
+def to_hf_model(state: Mapping[str, torch.Tensor], cfg: ModelConfig):
+    """A transformers masked-LM model of `cfg`'s architecture holding `state` (fp32)."""
+    hf = hf_class(cfg)(cfg.to_hf_config())
     hf.load_state_dict({k: v.float() for k, v in state.items()}, strict=False)
     hf.tie_weights()
     return hf
 
 
-def save_hf(state: Mapping[str, torch.Tensor], cfg: BertModelConfig, out_dir: str | Path,
+def save_hf(state: Mapping[str, torch.Tensor], cfg: ModelConfig, out_dir: str | Path,
             tokenizer=None) -> Path:
-    """Write a folder that `BertForMaskedLM.from_pretrained` loads with no custom code."""
+    """Write a folder that transformers' `BertForMaskedLM` / `ModernBertForMaskedLM`
+    `from_pretrained` loads with no custom code."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     to_hf_model(state, cfg).save_pretrained(out, safe_serialization=True)

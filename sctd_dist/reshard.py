@@ -134,9 +134,9 @@ def _merge_zero_partitions(source: Path, merged: Path) -> None:
 
 
 def _padded_vocab(saved: RunRecord, tp_size: int) -> int:
-    from sctd_dist.model.config import BertModelConfig
+    from sctd_dist.model.arch import config_from_dict
 
-    return BertModelConfig(**saved.model).padded_vocab_size(tp_size)
+    return config_from_dict(saved.model).padded_vocab_size(tp_size)
 
 
 def _load(path: Path) -> Any:

@@ -34,12 +34,13 @@ from sctd_dist.ds_config import (apply_lr_schedule, check_device_support, load_d
 from sctd_dist.flops import step_flops
 from sctd_dist.lr_schedule import WSD, WSDScheduler
 from sctd_dist.metrics import MetricsLogger
-from sctd_dist.model.config import BertModelConfig
+from sctd_dist.model.arch import ModelConfig, hf_class, hf_model_type, run_model_config
 from sctd_dist.model.pretraining import PretrainingModel, check_layout
 from sctd_dist.parallel import MegatronMPU, ParallelContext, check_tp_size, initialize, launch_env
 from sctd_dist.parallel.kernels import allow_tf32, sdpa_backend
 from sctd_dist.run_lock import RunLock
 from sctd_dist.run_record import RunRecord
+from sctd_dist.special_tokens import SpecialTokenIds
 
 
 @dataclass
@@ -86,7 +87,8 @@ def build_run(cfg: TrainConfig) -> Run:
         settled.valid_set, micro_batch_size=micro, dp_rank=ctx.dp_rank, dp_size=ctx.dp_size, seed=cfg.seed,
         masking=masking)
     model = PretrainingModel(settled.model_cfg, cfg.token_drop, train_set.special_ids, ctx,
-                             micro_batches_per_step=loader.grad_accum)
+                             micro_batches_per_step=loader.grad_accum,
+                             within_documents=cfg.within_documents)
     if cfg.init_hf is not None:
         _load_hf_weights(model, cfg.init_hf)
     model.to(ctx.device)
@@ -139,7 +141,7 @@ class Settled:
     data_dir: Path
     train_sets: list[PackedDataset]  # one per --data-path folder
     valid_set: PackedDataset  # the first folder's
-    model_cfg: BertModelConfig
+    model_cfg: ModelConfig
     record: RunRecord  # this run, as its checkpoints will record it
     sources: tuple[DataSource, ...]  # the --data-path folders and their weights
     lr_schedule: WSD | None  # --lr-schedule wsd; None: the DeepSpeed JSON's scheduler
@@ -155,7 +157,7 @@ def settle(cfg: TrainConfig) -> Settled:
     data_dir, train_set, valid_set = open_data(cfg)
     train_sets = open_blend(cfg, train_set)
     sources = cfg.data_sources or (DataSource(1.0, str(data_dir)),)
-    model_cfg = model_config(cfg, train_set.vocab_size, data_dir)
+    model_cfg = model_config(cfg, train_set.vocab_size, data_dir, train_set.special_ids)
     check_layout(model_cfg, cfg.token_drop, cfg.seq_length, cfg.tensor_model_parallel_size,
                  cfg.sequence_parallel)
     world_size, tp = launch_env.discover().world_size, cfg.tensor_model_parallel_size
@@ -187,11 +189,16 @@ def check_paths(cfg: TrainConfig) -> None:
                              "the embedded sample corpus")
     if cfg.init_hf is not None and not Path(cfg.init_hf).is_dir():
         raise ValueError(f"--init-hf {cfg.init_hf} is not a Hugging Face model folder")
+    if cfg.init_hf is not None:
+        folder_arch = hf_model_type(Path(cfg.init_hf))  # another model type: one line naming it
+        if cfg.arch not in (None, folder_arch):
+            raise ValueError(f"--arch {cfg.arch} but --init-hf {cfg.init_hf} holds a {folder_arch} "
+                             f"model; drop --arch or pass --arch {folder_arch}")
     if cfg.save is not None:
         check_writable(Path(cfg.save))
 
 
-def runtime_info(model_cfg: BertModelConfig, ctx: ParallelContext, seq_length: int,
+def runtime_info(model_cfg: ModelConfig, ctx: ParallelContext, seq_length: int,
                  dtype: torch.dtype, compiled: bool) -> dict[str, Any]:
     """How this run executes: the memory allocator, the attention kernel that
     scaled_dot_product_attention picks for the layers' shapes (flash / efficient / math), and
@@ -274,13 +281,12 @@ def open_blend(cfg: TrainConfig, first: PackedDataset) -> list[PackedDataset]:
     return splits
 
 
-def model_config(cfg: TrainConfig, data_vocab_size: int, data_dir: Path) -> BertModelConfig:
+def model_config(cfg: TrainConfig, data_vocab_size: int, data_dir: Path,
+                 special: SpecialTokenIds | None = None) -> ModelConfig:
     """The model's config, made once: a preset takes the vocabulary of the data's tokenizer; with
     --model-config or --init-hf the model keeps its own, which must hold every id of the data."""
-    own_vocab = cfg.model_config is not None or cfg.init_hf is not None
-    model_cfg = BertModelConfig.from_preset(
-        cfg.model, cfg.model_config, activation_checkpointing=cfg.activation_checkpointing,
-        **({} if own_vocab else {"vocab_size": data_vocab_size}))
+    model_cfg = run_model_config(cfg.model_arch, cfg.model, cfg.model_config, cfg.init_hf,
+                                 cfg.activation_checkpointing, data_vocab_size, special)
     if model_cfg.vocab_size < data_vocab_size:
         raise ValueError(f"vocab_size {model_cfg.vocab_size} of the model is smaller than the "
                          f"tokenizer's {data_vocab_size} in {data_dir}; fix --model-config")
@@ -311,9 +317,7 @@ def checkpoint_bytes(model: PretrainingModel, ctx: ParallelContext) -> int:
 
 
 def _load_hf_weights(model: PretrainingModel, folder: Path) -> None:
-    from transformers import BertForMaskedLM as HFBertForMaskedLM
-
     from sctd_dist.hf import load_hf_state_dict
 
-    hf = HFBertForMaskedLM.from_pretrained(folder)
+    hf = hf_class(model.mlm.config).from_pretrained(folder)
     load_hf_state_dict(model.mlm, hf.state_dict())

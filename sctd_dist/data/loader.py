@@ -9,8 +9,9 @@ under 1% of a training step (benchmarks/results/data_pipeline.json).
 
 Every micro-batch is a dict of int64 torch tensors of shape [micro, seq_length]:
 `input_ids` (masked), `attention_mask` (1 real token, 0 [PAD]), `token_type_ids` (zeros, no
-NSP) and `labels` (the original id where a token is predicted, -100 elsewhere); with them
-`masked_positions` (int64 [n], flat indices of the labelled positions) and `padded` (a 0-dim
+NSP), `labels` (the original id where a token is predicted, -100 elsewhere) and `document_ids`
+(each token's document inside its row, for attention within documents; `documents.py`); with
+them `masked_positions` (int64 [n], flat indices of the labelled positions) and `padded` (a 0-dim
 bool tensor: does any row hold [PAD]?). `padded` stays on the host (`HOST_KEYS`): the model
 reads it to run attention without a mask on packed batches, without a device sync.
 """
@@ -23,6 +24,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from .dataset import PackedDataset
+from .documents import document_ids
 from .masking import IGNORE_INDEX, MaskingConfig, mask_rows, masked_positions
 from .mixture import Blend
 from .sampler import check_batch_sizes, step_positions
@@ -45,7 +47,7 @@ def _word_start_table(dataset: PackedDataset, masking: MaskingConfig) -> np.ndar
     return table
 
 
-def _to_batch(inputs: np.ndarray, labels: np.ndarray, pad_id: int) -> dict[str, Any]:
+def _to_batch(inputs: np.ndarray, labels: np.ndarray, pad_id: int, sep_id: int) -> dict[str, Any]:
     import torch
 
     input_ids = torch.from_numpy(np.ascontiguousarray(inputs))
@@ -56,6 +58,7 @@ def _to_batch(inputs: np.ndarray, labels: np.ndarray, pad_id: int) -> dict[str, 
         "labels": torch.from_numpy(np.ascontiguousarray(labels)),
         "masked_positions": torch.from_numpy(masked_positions(labels)),
         "padded": torch.tensor(bool((inputs == pad_id).any())),
+        "document_ids": torch.from_numpy(document_ids(inputs, sep_id)),
     }
 
 
@@ -163,8 +166,8 @@ class PretrainingDataLoader:
             tokens = self.sources[s].get_rows(rows[sel])
             inputs[sel], labels[sel] = self._maskers[s](tokens, epochs[sel], rows[sel])
         m = self.micro_batch_size
-        pad = self.dataset.special_ids.pad
-        return [_to_batch(inputs[j * m:(j + 1) * m], labels[j * m:(j + 1) * m], pad)
+        pad, sep = self.dataset.special_ids.pad, self.dataset.special_ids.sep
+        return [_to_batch(inputs[j * m:(j + 1) * m], labels[j * m:(j + 1) * m], pad, sep)
                 for j in range(self.grad_accum)]
 
     def padded_share(self, steps: int) -> float:
@@ -297,4 +300,4 @@ class ValidationDataLoader:
         if real.any():
             rows = self.dataset.get_rows(idx[real])
             inputs[real], labels[real] = self._mask(rows, np.zeros(int(real.sum()), np.int64), idx[real])
-        return _to_batch(inputs, labels, specials.pad)
+        return _to_batch(inputs, labels, specials.pad, specials.sep)

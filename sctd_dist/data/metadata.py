@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from .corpus_tokenizer import tokenizer_mismatch
+from .documents import BOUNDARY_RECORD
 from .dataset import FORMAT, FORMAT_VERSION, METADATA_FILE, TOKENIZER_DIR
 from .shard_plan import ShardTask, digest
 from .shard_worker import SPLITS
@@ -70,6 +71,7 @@ def build_metadata(out: Path, settings: dict, plan: str, records: dict[int, dict
                       "special_ids": specials.to_dict(), "trained": training},
         "packing": "rows of [CLS] tokens [SEP]; documents separated by [SEP] and continued across "
                    "rows; [PAD] only at the end of a shard; no NSP",
+        "document_boundaries": BOUNDARY_RECORD,
         "inputs": inputs,
         "sources": settings["sources"],
         "validation_fraction": settings["validation_fraction"],

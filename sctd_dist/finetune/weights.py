@@ -2,10 +2,11 @@
 
 `--model` is a Hugging Face folder (what `sctd_dist.export` writes) or one of our checkpoint
 folders (a `--save` folder or one `global_stepN` in it), which is exported on the fly. The task
-model (`transformers.BertForSequenceClassification` / `BertForQuestionAnswering`) is then
+model (`transformers.AutoModelForSequenceClassification` / `AutoModelForQuestionAnswering`: BERT
+or ModernBERT, as the folder's config.json says) is then
 checked against the checkpoint file itself: every encoder tensor of the model must come from a
 checkpoint tensor of the same name with the same value, and every checkpoint tensor must be used
-except the pretraining heads (`cls.*`). A renamed or missing weight would otherwise be silently
+except the pretraining heads (`cls.*`; ModernBERT's `decoder.*`, and `head.*` where the task model has none). A renamed or missing weight would otherwise be silently
 initialised at random and every task would score about the majority class.
 """
 
@@ -118,14 +119,20 @@ def _names(keys: list[str]) -> str:
     return ", ".join(keys[:_SHOWN]) + more
 
 
-def _as_model_key(key: str, model_keys: set[str]) -> str:
-    """A checkpoint key under the name transformers loads it as: a bare BertModel's keys gain
-    the `bert.` prefix; legacy LayerNorm `gamma`/`beta` become `weight`/`bias`."""
-    candidates = [key, f"bert.{key}"]
+# Pretraining-only weights of the masked-LM checkpoints: BERT's MLM head, ModernBERT's decoder
+# and prediction head (a ModernBERT task model that has a `head` loads it; unused it is no loss).
+_PRETRAINING_ONLY = ("cls.", "decoder.", "head.")
+
+
+def _as_model_key(key: str, model_keys: set[str], prefix: str = "bert.") -> str:
+    """A checkpoint key under the name transformers loads it as: a bare encoder's keys gain the
+    task model's base prefix (`bert.`, ModernBERT's `model.`); legacy LayerNorm `gamma`/`beta`
+    become `weight`/`bias`."""
+    candidates = [key, f"{prefix}{key}"]
     for old, new in ((".gamma", ".weight"), (".beta", ".bias")):
         if key.endswith(old):
             renamed = key[: -len(old)] + new
-            candidates += [renamed, f"bert.{renamed}"]
+            candidates += [renamed, f"{prefix}{renamed}"]
     return next((c for c in candidates if c in model_keys), key)
 
 
@@ -136,11 +143,13 @@ def _buffer_names(model: torch.nn.Module) -> set[str]:
 
 
 def _not_for_this_head(key: str, model: torch.nn.Module) -> bool:
-    """Checkpoint tensors a task model has no place for by design: the pretraining heads (`cls.*`),
-    non-persistent buffers, and the pooler under a head that does not pool (question answering)."""
-    if key.startswith("cls.") or key in _buffer_names(model):
+    """Checkpoint tensors a task model has no place for by design: the pretraining heads (BERT's
+    `cls.*`, ModernBERT's decoder and prediction head), non-persistent buffers, and the pooler
+    under a head that does not pool (question answering)."""
+    if key.startswith(_PRETRAINING_ONLY) or key in _buffer_names(model):
         return True
-    return key.startswith("bert.pooler.") and getattr(model.bert, "pooler", None) is None
+    base = getattr(model, model.base_model_prefix, None)
+    return key.startswith(f"{model.base_model_prefix}.pooler.") and getattr(base, "pooler", None) is None
 
 
 def verify_loaded(model: torch.nn.Module, stored: Mapping[str, torch.Tensor], given: Path) -> list[str]:
@@ -148,9 +157,11 @@ def verify_loaded(model: torch.nn.Module, stored: Mapping[str, torch.Tensor], gi
     names the model initialised afresh (task head, and the pooler when the checkpoint has none)."""
     state = model.state_dict()
     model_keys = set(state)
-    ckpt = {_as_model_key(k, model_keys | _buffer_names(model)): v for k, v in stored.items()}
-    has_pooler = any(k.startswith("bert.pooler.") for k in ckpt)
-    encoder = [k for k in state if k.startswith("bert.") and (has_pooler or not k.startswith("bert.pooler."))]
+    prefix = f"{model.base_model_prefix}."
+    ckpt = {_as_model_key(k, model_keys | _buffer_names(model), prefix): v for k, v in stored.items()}
+    pooler = f"{prefix}pooler."
+    has_pooler = any(k.startswith(pooler) for k in ckpt)
+    encoder = [k for k in state if k.startswith(prefix) and (has_pooler or not k.startswith(pooler))]
     missing = [k for k in encoder if k not in ckpt]
     unused = [k for k in ckpt if k not in model_keys and not _not_for_this_head(k, model)]
     differ = [k for k in encoder if k in ckpt and (tuple(ckpt[k].shape) != tuple(state[k].shape)
@@ -173,17 +184,18 @@ def load_task_model(source: ModelSource, kind: str, num_labels: int,
     """The transformers task model on the pretrained weights (fp32), verified; returns it and
     the names of the freshly initialised weights. `copy_segment_b` then starts token type 1 from
     token type 0 (see segments.py)."""
-    from transformers import BertForQuestionAnswering, BertForSequenceClassification
+    from transformers import AutoModelForQuestionAnswering, AutoModelForSequenceClassification
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()  # the load report is ours (verify_loaded), not a warning table
     hf_logging.disable_progress_bar()
+    # Auto classes: the folder's config.json decides BERT or ModernBERT.
     if kind == "qa":
-        model = BertForQuestionAnswering.from_pretrained(source.folder, dtype=torch.float32)
+        model = AutoModelForQuestionAnswering.from_pretrained(source.folder, dtype=torch.float32)
     else:
         problem = "regression" if kind == "regression" else "single_label_classification"
-        model = BertForSequenceClassification.from_pretrained(source.folder, num_labels=num_labels,
-                                                              problem_type=problem, dtype=torch.float32)
+        model = AutoModelForSequenceClassification.from_pretrained(
+            source.folder, num_labels=num_labels, problem_type=problem, dtype=torch.float32)
     fresh = verify_loaded(model, checkpoint_state_dict(source.folder), source.given)
     if copy_segment_b:
         from sctd_dist.finetune.segments import copy_segment_a

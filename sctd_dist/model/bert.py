@@ -14,7 +14,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from sctd_dist.model.attention_masks import PhaseMasks, all_rows, phase_masks
 from sctd_dist.model.config import BertModelConfig
+from sctd_dist.model.decoder import add_vocab_bias, tied_decode
 from sctd_dist.model.router import Routing, gather_tokens, scatter_tokens
 from sctd_dist.parallel import layers as tp
 from sctd_dist.parallel.random import checkpoint_context_fn
@@ -67,7 +69,8 @@ class BertSelfAttention(nn.Module):
         q = self._heads(self.query(q_in)[0])
         k = self._heads(self.key(kv_in)[0])
         v = self._heads(self.value(kv_in)[0])
-        mask = None if key_mask is None else key_mask[:, None, None, :]
+        # A [b, sk] key mask, or a [b, 1, sq, sk] mask (attention within documents).
+        mask = key_mask if key_mask is None or key_mask.dim() == 4 else key_mask[:, None, None, :]
         out = tp.attention(q, k, v, mask, self.dropout_p if self.training else 0.0, self.ctx)
         b, _, sq, _ = out.shape
         return out.transpose(1, 2).reshape(b, sq, self.heads * self.head_dim)
@@ -162,15 +165,19 @@ class BertEncoder(nn.Module):
         key_mask: torch.Tensor | None,
         routing: Routing | None = None,
         split_layer: int | None = None,
+        masks: PhaseMasks | None = None,
     ) -> EncoderOutput:
         """Run all layers; with `routing`, the token-dropping schedule around `split_layer`:
         full layers, the split layer (kept queries, all keys), kept-only layers, merge of the
-        dropped rows (which keep their split-layer input), and the last layer on all tokens."""
+        dropped rows (which keep their split-layer input), and the last layer on all tokens.
+        `masks` (attention within documents) replaces the key masks of every phase."""
         if routing is not None and routing.num_kept == routing.seq_length:
             routing = None  # keeping every token is the plain schedule, bit for bit
         # Without padding every kept key is real too: no mask anywhere.
         mask_all = None if key_mask is None or routing is None else routing.key_mask_all
         mask_kept = None if key_mask is None or routing is None else routing.key_mask_kept
+        if masks is not None:
+            key_mask, mask_all, mask_kept = masks
         last = len(self.layer) - 1
         penultimate = x
         split_input = None
@@ -209,11 +216,6 @@ class BertPredictionHeadTransform(nn.Module):
         return self.LayerNorm(self.act(self.dense(x)))
 
 
-# Added to the logits of padded vocabulary entries: they never win the softmax or the maximum
-# (probability exp(-1e4) = 0), and the value fits fp16 and bf16 without overflow.
-PADDED_VOCAB_LOGIT = -1e4
-
-
 class BertLMPredictionHead(nn.Module):
     """Transform + decoder tied to the (vocab-parallel) word embeddings + vocab-sharded bias,
     with the MLM cross-entropy fused into the decoder (no [n, V] logits outlive the forward)."""
@@ -222,24 +224,13 @@ class BertLMPredictionHead(nn.Module):
         super().__init__()
         self.ctx = ctx
         self.transform = BertPredictionHeadTransform(cfg)
-        self.tied = None  # the word embeddings' TiedWeight, set by the model that ties them
-        shard = cfg.padded_vocab_size(ctx.tp_size) // ctx.tp_size
-        self.vocab_start = ctx.tp_rank * shard
-        self.bias = nn.Parameter(torch.zeros(shard))
-        tp.mark_tensor_parallel(self.bias)
-        # Why a bias and not a masked_fill of the logits: folded into the GEMM's bias add, the
-        # exclusion costs nothing, where a fill pass over [n, V] logits cost ~10% of a small step.
-        padded = torch.arange(self.vocab_start, self.vocab_start + shard) >= cfg.vocab_size
-        self.register_buffer("padding_bias", padded.float() * PADDED_VOCAB_LOGIT, persistent=False)
+        add_vocab_bias(self, cfg, ctx)
 
     def forward(self, h: torch.Tensor, decoder_weight: torch.Tensor,
                 targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(per-token loss [n] in fp32, number of rows whose target has the largest logit) of
         replicated hidden states h [n, hidden] against global target ids [n]."""
-        h = self.transform(h)
-        bias = self.bias + self.padding_bias.to(self.bias.dtype)
-        return tp.tied_decoder_cross_entropy(h, decoder_weight, bias, targets, self.vocab_start,
-                                             self.tied, self.ctx)
+        return tied_decode(self, self.transform(h), decoder_weight, targets)
 
 
 class BertOnlyMLMHead(nn.Module):
@@ -276,6 +267,11 @@ class BertForMaskedLM(nn.Module):
         tp.share_parameter(self.cls.predictions, self.bert.embeddings.word_embeddings.weight)
         self.cls.predictions.tied = self.bert.embeddings.word_embeddings.tied
 
+    @property
+    def encoder_layers(self) -> nn.ModuleList:
+        """The layers `--compile` compiles one by one."""
+        return self.bert.encoder.layer
+
     def forward(
         self,
         input_ids: torch.Tensor,
@@ -287,22 +283,28 @@ class BertForMaskedLM(nn.Module):
         return_cls: bool = False,
         padded: bool | torch.Tensor | None = None,
         masked_positions: torch.Tensor | None = None,
+        document_ids: torch.Tensor | None = None,
     ) -> MLMOutput:
         """input_ids/attention_mask/labels: [b, s] (labels -100 where nothing is predicted).
 
         `labels` None runs the encoder only: no MLM head, no logits (a consistency pass needs
         just the [CLS] vectors). `padded` (does any row hold padding?) and `masked_positions`
         (flat indices of the labelled positions) come with the loader's batches, which lets the
-        step run without a host sync; without them they are computed here (one sync each)."""
+        step run without a host sync; without them they are computed here (one sync each).
+        `document_ids` [b, s]: attend only within each document."""
         if token_type_ids is None:
             token_type_ids = torch.zeros_like(input_ids)
         if padded is None:
             padded = not bool(attention_mask.all())
         # No mask without padding: the fused (FlashAttention) kernels take none.
         key_mask = attention_mask.bool() if bool(padded) else None
+        masks = None
+        if document_ids is not None:
+            r = routing if routing is None or routing.num_kept < routing.seq_length else None
+            masks = phase_masks(all_rows(attention_mask.bool(), document_ids), r)
         with tp.sequence_parallel_grad_bucket(self.bert, self.ctx):
             x = self.bert.embeddings(input_ids, token_type_ids)
-            enc = self.bert.encoder(x, key_mask, routing, split_layer)
+            enc = self.bert.encoder(x, key_mask, routing, split_layer, masks)
         hidden = tp.leave_to_replicated(enc.hidden, self.ctx)
         out = (MLMOutput(None, None, None, None) if labels is None
                else self._mlm(hidden, labels, masked_positions))

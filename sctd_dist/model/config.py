@@ -7,13 +7,13 @@ Hugging Face can override a preset as it is.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 from sctd_dist.flags import flag
+from sctd_dist.model.config_common import EncoderConfigMixin, read_overrides
 from sctd_dist.typed import check_types
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -25,7 +25,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 
 @dataclass
-class BertModelConfig:
+class BertModelConfig(EncoderConfigMixin):
     """Architecture of the BERT encoder + MLM head (BertForMaskedLM-compatible)."""
 
     vocab_size: int = 30522
@@ -44,6 +44,8 @@ class BertModelConfig:
     # Ours, not Hugging Face's: vocab padding granularity (times TP) and recomputation.
     make_vocab_size_divisible_by: int = 128
     activation_checkpointing: bool = False
+
+    arch = "bert"  # a class attribute, not a field (run records without it are BERT's)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -65,36 +67,6 @@ class BertModelConfig:
         for name in ("hidden_dropout_prob", "attention_probs_dropout_prob"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
-
-    def check_tensor_parallel(self, tp_size: int) -> None:
-        """Raise ValueError when the model cannot be split over `tp_size` ranks."""
-        if self.num_attention_heads % tp_size:
-            raise ValueError(
-                f"num_attention_heads {self.num_attention_heads} is not divisible by "
-                f"--tensor-model-parallel-size {tp_size}; use a TP size dividing the head count"
-            )
-        if self.intermediate_size % tp_size:
-            raise ValueError(
-                f"intermediate_size {self.intermediate_size} is not divisible by TP size {tp_size}"
-            )
-
-    def check_seq_length(self, seq_length: int) -> None:
-        """Raise ValueError when sequences do not fit the position embeddings."""
-        if seq_length > self.max_position_embeddings:
-            raise ValueError(
-                f"sequence length {seq_length} exceeds max_position_embeddings "
-                f"{self.max_position_embeddings}; shorten --seq-length or raise "
-                "max_position_embeddings in --model-config"
-            )
-
-    def padded_vocab_size(self, tp_size: int = 1) -> int:
-        """Vocabulary rounded up so every TP shard has the same, GEMM-friendly width."""
-        multiple = self.make_vocab_size_divisible_by * tp_size
-        return -(-self.vocab_size // multiple) * multiple
-
-    @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_attention_heads
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -121,15 +93,7 @@ class BertModelConfig:
         if name not in PRESETS:
             raise ValueError(f"unknown model preset {name!r}; choose one of {sorted(PRESETS)}")
         values: dict[str, Any] = dict(PRESETS[name])
-        if isinstance(overrides, (str, Path)):
-            path = overrides
-            try:
-                overrides = json.loads(Path(path).read_text())
-            except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-                raise ValueError(f"--model-config {path} is unreadable: {exc}") from None
-            if not isinstance(overrides, dict):
-                raise ValueError(f"--model-config {path} must hold a JSON object of BertConfig fields")
-        values.update(overrides or {})
+        values.update(read_overrides(overrides, "BertConfig"))
         values.update(kwargs)
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - names - _IGNORED_HF_KEYS)

@@ -14,8 +14,10 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from sctd_dist.model.bert import BertForMaskedLM, MLMOutput
-from sctd_dist.model.config import BertModelConfig, TokenDropConfig
+from sctd_dist.model.arch import ModelConfig, build_mlm
+from sctd_dist.model.attention_masks import document_ids
+from sctd_dist.model.bert import MLMOutput
+from sctd_dist.model.config import TokenDropConfig
 from sctd_dist.model.consistency import cls_cosine, consistency_term
 from sctd_dist.model.importance import TokenImportance
 from sctd_dist.model.router import Routing, num_kept, route
@@ -23,7 +25,7 @@ from sctd_dist.parallel.state import ParallelContext
 from sctd_dist.special_tokens import SpecialTokenIds
 
 
-def check_layout(model_config: BertModelConfig, drop: TokenDropConfig, seq_length: int,
+def check_layout(model_config: ModelConfig, drop: TokenDropConfig, seq_length: int,
                  tp_size: int, sequence_parallel: bool) -> None:
     """Raise ValueError when this model cannot train on sequences of `seq_length` at this
     tensor/sequence-parallel layout (all known from the flags: checked before any process group)."""
@@ -46,12 +48,15 @@ class PretrainingModel(nn.Module):
 
     def __init__(
         self,
-        model_config: BertModelConfig,
+        model_config: ModelConfig,
         drop_config: TokenDropConfig,
         special: SpecialTokenIds,
         ctx: ParallelContext | None = None,
+        within_documents: bool = False,
         micro_batches_per_step: int = 1,
     ) -> None:
+        """`within_documents`: a token attends only to tokens of its own document (the
+        batch's `document_ids`, else derived from its [SEP] tokens)."""
         super().__init__()
         if micro_batches_per_step < 1:
             raise ValueError(f"micro_batches_per_step must be >= 1, got {micro_batches_per_step}")
@@ -62,7 +67,8 @@ class PretrainingModel(nn.Module):
         self.ctx = ctx
         self.drop = drop_config
         self.special = special
-        self.mlm = BertForMaskedLM(model_config, ctx)
+        self.mlm = build_mlm(model_config, ctx)
+        self.within_documents = within_documents
         self.split_layer = (drop_config.resolve_split_layer(model_config.num_hidden_layers)
                             if drop_config.enabled else None)
         self.importance = TokenImportance(
@@ -86,7 +92,14 @@ class PretrainingModel(nn.Module):
         return self.mlm(batch["input_ids"], batch["attention_mask"],
                         batch["labels"] if mlm_head else None, batch.get("token_type_ids"),
                         routing=routing, split_layer=self.split_layer, return_cls=want_cls,
-                        padded=batch.get("padded"), masked_positions=batch.get("masked_positions"))
+                        padded=batch.get("padded"), masked_positions=batch.get("masked_positions"),
+                        document_ids=self._documents(batch))
+
+    def _documents(self, batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        if not self.within_documents:
+            return None
+        docs = batch.get("document_ids")
+        return document_ids(batch["input_ids"], self.special.sep) if docs is None else docs
 
     def forward(self, batch: dict[str, torch.Tensor], step: int = 0) -> StepOutput:
         """Loss of one micro-batch at optimizer step `step` (training mode); the step's last
@@ -150,7 +163,7 @@ class PretrainingModel(nn.Module):
         """`torch.compile` each encoder layer in place (see `sctd_dist.parallel.kernels`)."""
         from sctd_dist.parallel.kernels import compile_each
 
-        return compile_each(self.mlm.bert.encoder.layer)
+        return compile_each(self.mlm.encoder_layers)
 
     def _fold_importance(self) -> None:
         """Fold this optimizer step's masked-token losses into the importance table (every DP

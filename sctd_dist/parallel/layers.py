@@ -51,30 +51,35 @@ def _without_extra_state(module: nn.Module) -> nn.Module:
     return module
 
 
-def column_parallel_linear(in_features: int, out_features: int, ctx: ParallelContext, std: float):
-    """Output-sharded linear; the caller routes its input through `enter_tp_region`."""
+def column_parallel_linear(in_features: int, out_features: int, ctx: ParallelContext, std: float,
+                           bias: bool = True, stride: int = 1):
+    """Output-sharded linear; the caller routes its input through `enter_tp_region`.
+
+    `stride` > 1: the output is `stride` fused blocks (Q|K|V, or a GLU's input|gate), and each
+    rank holds its slice of every block, so a fused layer splits like its unfused parts."""
     from sctd_dist.parallel.tensor_parallel import ColumnParallelLinear
 
     return _without_extra_state(ColumnParallelLinear(
         in_features, out_features, config=_mcore_config(ctx), init_method=normal_init(std),
-        bias=True, gather_output=False, disable_grad_reduce=True, tp_group=ctx.tp_group,
+        bias=bias, gather_output=False, disable_grad_reduce=True, tp_group=ctx.tp_group, stride=stride,
     ))
 
 
-def row_parallel_linear(in_features: int, out_features: int, ctx: ParallelContext, std: float):
+def row_parallel_linear(in_features: int, out_features: int, ctx: ParallelContext, std: float,
+                        bias: bool = True):
     """Input-sharded linear; use `row_parallel_forward` to run it."""
     from sctd_dist.parallel.tensor_parallel import RowParallelLinear
 
     sequence_parallel = ctx.sequence_parallel and ctx.tp_size > 1
     layer = RowParallelLinear(
         in_features, out_features, config=_mcore_config(ctx), init_method=normal_init(std),
-        bias=True, input_is_parallel=True, skip_bias_add=sequence_parallel, tp_group=ctx.tp_group,
+        bias=bias, input_is_parallel=True, skip_bias_add=sequence_parallel, tp_group=ctx.tp_group,
     )
     # megatron-core's own SP reduce-scatter needs CUDA: under SP the layer returns its partial
     # sums and the caller communicates. The layer still runs through its own forward, which
     # ZeRO-3 needs to gather its weight.
     layer.partial_output = sequence_parallel
-    if sequence_parallel:  # its bias is added to a sequence slice (`row_parallel_forward`)
+    if sequence_parallel and bias:  # its bias is added to a sequence slice (`row_parallel_forward`)
         layer.sequence_parallel_params = ("bias",)
     return _without_extra_state(layer)
 
@@ -147,10 +152,10 @@ def copy_to_tensor_parallel(x: torch.Tensor, ctx: ParallelContext) -> torch.Tens
 def row_parallel_forward(layer: nn.Module, x: torch.Tensor, ctx: ParallelContext) -> torch.Tensor:
     """Run a RowParallelLinear: all-reduce the partial sums, or reduce-scatter them under SP."""
     out, bias = layer(x)
-    if bias is None:  # megatron-core reduced and added the bias
+    if not layer.partial_output:  # the layer reduced and added the bias
         return out
     out = mappings.reduce_scatter_to_sequence(out, ctx.tp_group)
-    return out + sequence_parallel_param(layer, "bias", ctx)
+    return out if bias is None else out + sequence_parallel_param(layer, "bias", ctx)
 
 
 def share_parameter(user: nn.Module, param: nn.Parameter) -> None:
@@ -243,16 +248,16 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
 class ParallelLayerNorm(nn.LayerNorm):
     """LayerNorm whose parameters' gradients are summed over TP when it sees a sequence slice."""
 
-    def __init__(self, hidden: int, eps: float, ctx: ParallelContext) -> None:
-        super().__init__(hidden, eps=eps)
+    def __init__(self, hidden: int, eps: float, ctx: ParallelContext, bias: bool = True) -> None:
+        super().__init__(hidden, eps=eps, bias=bias)
         self.ctx = ctx
         if ctx.sequence_parallel and ctx.tp_size > 1:
-            self.sequence_parallel_params = ("weight", "bias")
+            self.sequence_parallel_params = ("weight", "bias") if bias else ("weight",)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = None if self.bias is None else sequence_parallel_param(self, "bias", self.ctx)
         return F.layer_norm(
-            x, self.normalized_shape, sequence_parallel_param(self, "weight", self.ctx),
-            sequence_parallel_param(self, "bias", self.ctx), self.eps,
+            x, self.normalized_shape, sequence_parallel_param(self, "weight", self.ctx), bias, self.eps,
         )
 
 

@@ -19,11 +19,21 @@ from typing import Sequence
 import torch
 
 # Split along the output dimension (ColumnParallelLinear): weight rows and bias.
-_COLUMN = re.compile(r"attention\.self\.(query|key|value)\.(weight|bias)$|intermediate\.dense\.(weight|bias)$")
+_COLUMN = re.compile(r"attention\.self\.(query|key|value)\.(weight|bias)$|intermediate\.dense\.(weight|bias)$"
+                     r"|(attn\.Wqkv|mlp\.Wi)\.weight$")
 # Split along the input dimension (RowParallelLinear): weight columns; the bias is replicated.
-_ROW = re.compile(r"(attention\.output\.dense|layer\.\d+\.output\.dense)\.weight$")
+_ROW = re.compile(r"(attention\.output\.dense|layer\.\d+\.output\.dense|attn\.Wo|mlp\.Wo)\.weight$")
 # Split along the vocabulary, padded to a multiple of 128 x TP rows (the padding differs by TP size).
-_VOCAB = re.compile(r"(^|\.)(bert\.embeddings\.word_embeddings\.weight|cls\.predictions\.bias)$")
+_VOCAB = re.compile(r"(^|\.)(bert\.embeddings\.word_embeddings\.weight|cls\.predictions\.bias"
+                    r"|model\.embeddings\.tok_embeddings\.weight|decoder\.bias)$")
+# Fused column-parallel outputs (ModernBERT's Q|K|V and GLU input|gate): each TP rank holds its
+# slice of every block, so the tensor is split per block, not in one piece.
+_FUSED_BLOCKS = ((re.compile(r"attn\.Wqkv\.weight$"), 3), (re.compile(r"mlp\.Wi\.weight$"), 2))
+
+
+def fused_blocks(name: str) -> int:
+    """How many blocks a column-parallel output is fused from (1: not fused)."""
+    return next((n for pattern, n in _FUSED_BLOCKS if pattern.search(name)), 1)
 
 
 def is_vocab(name: str) -> bool:
@@ -56,6 +66,10 @@ def split(t: torch.Tensor, name: str, tp_size: int, tp_rank: int, padded_vocab: 
     dim = shard_dim(name)
     if dim is None or tp_size == 1:
         return t
+    blocks = fused_blocks(name)
+    if blocks > 1:
+        per_block = t.reshape(blocks, -1, *t.shape[1:])
+        return per_block.chunk(tp_size, dim=1)[tp_rank].reshape(-1, *t.shape[1:])
     return t.chunk(tp_size, dim=dim)[tp_rank]
 
 
@@ -64,5 +78,10 @@ def merge(shards: Sequence[torch.Tensor], name: str, vocab_size: int) -> torch.T
 
     Replicated tensors are taken from TP rank 0 (every rank holds the same values)."""
     dim = shard_dim(name)
+    blocks = fused_blocks(name)
+    if blocks > 1 and len(shards) > 1:
+        rest = shards[0].shape[1:]
+        per_block = [s.reshape(blocks, -1, *rest) for s in shards]
+        return torch.cat(per_block, dim=1).reshape(-1, *rest)
     t = torch.cat(list(shards), dim=dim) if dim is not None and len(shards) > 1 else shards[0]
     return t[:vocab_size] if is_vocab(name) else t

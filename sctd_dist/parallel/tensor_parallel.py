@@ -55,7 +55,7 @@ class RowParallelLinear(_StaticGroupSize, _McoreRow):
         if self.tp_world == 1:
             return F.linear(x, self.weight, self.bias), None
         out = reduce_from_tensor_model_parallel_region(F.linear(x, self.weight), group=self.tp_group)
-        return out + self.bias, None
+        return (out if self.bias is None else out + self.bias), None
 
 
 class VocabParallelEmbedding(_StaticGroupSize, _McoreEmbedding):

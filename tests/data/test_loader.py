@@ -47,8 +47,8 @@ def test_batch_contents(prepared) -> None:
     rows, epochs = ld.sample_indices_for_step(0)
     for j, b in enumerate(batches):
         assert set(b) == {"input_ids", "attention_mask", "token_type_ids", "labels",
-                          "masked_positions", "padded"}
-        for k in ("input_ids", "attention_mask", "token_type_ids", "labels"):
+                          "masked_positions", "padded", "document_ids"}
+        for k in ("input_ids", "attention_mask", "token_type_ids", "labels", "document_ids"):
             assert b[k].shape == (6, ds.seq_length) and b[k].dtype == torch.int64
         # Where the MLM head runs, and whether attention needs a mask, come with the batch.
         assert torch.equal(b["masked_positions"], torch.nonzero(b["labels"].reshape(-1) != -100).squeeze(1))

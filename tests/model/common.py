@@ -58,17 +58,20 @@ def hf_reference_state(cfg: BertModelConfig, seed: int = 0) -> dict[str, torch.T
 @contextlib.contextmanager
 def captured_logits(model) -> Iterator[list[torch.Tensor]]:
     """Collects the vocab-parallel logits [n_masked, V_padded/tp] of every forward of `model`'s
-    (a BertForMaskedLM) MLM head. The head fuses its decoder with the loss and keeps no logits,
-    so they are recomputed here from the transformed rows, this rank's weight shard and bias."""
+    (a BertForMaskedLM or ModernBertForMaskedLM) MLM head. The head fuses its decoder with the
+    loss and keeps no logits, so they are recomputed here from the transformed rows, this rank's
+    weight shard and bias."""
     seen: list[torch.Tensor] = []
-    head = model.cls.predictions
-    weight = model.bert.embeddings.word_embeddings.weight
+    modern = hasattr(model, "decoder")
+    head = model.decoder if modern else model.cls.predictions
+    transform = model.head if modern else head.transform
+    weight = (model.model.embeddings.tok_embeddings if modern else model.bert.embeddings.word_embeddings).weight
 
     def logits(module, args, out: torch.Tensor) -> None:
         bias = head.bias + head.padding_bias.to(head.bias.dtype)
         seen.append(F.linear(out.detach(), weight.detach(), bias.detach()).float())
 
-    hook = head.transform.register_forward_hook(logits)
+    hook = transform.register_forward_hook(logits)
     try:
         yield seen
     finally:

@@ -53,6 +53,15 @@ def start(ranks: int, *args: str) -> subprocess.Popen:
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
 
+def kill_after_checkpoint(ranks: int, save_dir: Path, tag: str, *args: str) -> None:
+    """Start a job, SIGKILL all of it as soon as `save_dir`'s `latest` names `tag`, wait."""
+    proc = start(ranks, *args)
+    latest = Path(save_dir) / "latest"
+    wait_for(lambda: latest.is_file() and latest.read_text() == tag, proc)
+    kill(proc, signal.SIGKILL)
+    proc.wait()
+
+
 def wait_for(predicate, proc: subprocess.Popen, timeout: float = 300) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():

@@ -67,11 +67,7 @@ def test_restart_from_step_6_equals_uninterrupted(straight_runs, data_dir, stage
 def test_sigkill_then_restart_continues_exactly(straight_runs, data_dir, tmp_path):
     ref = launch.losses(straight_runs(2, "tp1dp2") / "straight" / "logs")
     args = job_args(tmp_path, data_dir, 2, "tp1dp2", "killed", "--save-interval", "6")
-    proc = launch.start(2, *args)
-    latest = tmp_path / "killed" / "ckpt" / checkpoint.LATEST
-    launch.wait_for(lambda: latest.is_file() and latest.read_text() == "global_step6", proc)
-    launch.kill(proc, signal.SIGKILL)
-    proc.wait()
+    launch.kill_after_checkpoint(2, tmp_path / "killed" / "ckpt", "global_step6", *args)
     launch.train(2, *args)
     got = launch.losses(tmp_path / "killed" / "logs")
     assert sorted(got) == list(range(STEPS))
