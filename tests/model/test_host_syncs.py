@@ -50,7 +50,7 @@ def _loader_batch(padded: bool) -> dict[str, torch.Tensor]:
     ids, labels = b["input_ids"].numpy().copy(), b["labels"].numpy()
     if not padded:  # packed rows: every position holds text
         ids[ids == SPECIAL["pad"]] = 7
-    return _to_batch(ids, labels, SPECIAL["pad"])
+    return _to_batch(ids, labels, SPECIAL["pad"], SPECIAL["sep"])
 
 
 @pytest.mark.parametrize("padded", [False, True], ids=["packed", "padded"])
