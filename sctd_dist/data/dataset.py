@@ -10,7 +10,7 @@ import numpy as np
 
 from sctd_dist.special_tokens import SpecialTokenIds
 
-from .tokenizer import check_vocab_loaded, tokenizer_fingerprint
+from .tokenizer import load_pretrained_tokenizer, tokenizer_fingerprint
 
 FORMAT = "sctd-dist-packed"
 FORMAT_VERSION = 1
@@ -114,12 +114,9 @@ class PackedDataset:
 
 def load_tokenizer(data_dir: str | Path) -> Any:
     """The fast transformers tokenizer saved with a prepared folder, checked against its metadata."""
-    from transformers import AutoTokenizer
-
     meta = read_metadata(data_dir)
     tok_dir = Path(data_dir).expanduser() / meta["tokenizer"]["dir"]
-    tok = AutoTokenizer.from_pretrained(str(tok_dir))
-    check_vocab_loaded(tok, f"tokenizer in {tok_dir}", tok_dir)
+    tok = load_pretrained_tokenizer(tok_dir, local_only=True)
     if len(tok) != meta["vocab_size"]:
         raise ValueError(f"tokenizer in {tok_dir} has {len(tok)} tokens, the data {meta['vocab_size']}; "
                          "the folder was modified: prepare it again")

@@ -113,11 +113,11 @@ def _prepare_jobs(cfg: FinetuneConfig, tasks: list, source, work: Path, copy_b: 
     is loaded and checked first (any unloaded weight stops the run here)."""
     from sctd_dist.finetune.features import read_split, write_features
     from sctd_dist.finetune.metrics import majority_accuracy
-    from sctd_dist.finetune.weights import load_task_model, load_tokenizer
+    from sctd_dist.finetune.weights import load_task_model, model_tokenizer
 
     config = json.loads((source.folder / "config.json").read_text())
     cfg.check_positions(int(config.get("max_position_embeddings", 512)), {d.spec.kind for d in tasks})
-    tokenizer = load_tokenizer(source, cfg.tokenizer, config["vocab_size"])
+    tokenizer = model_tokenizer(source, cfg.tokenizer, config["vocab_size"])
     jobs: list[Job] = []
     info: dict[str, dict[str, Any]] = {}
     for data in tasks:

@@ -204,7 +204,7 @@ def load_task_model(source: ModelSource, kind: str, num_labels: int,
     return model, fresh
 
 
-def load_tokenizer(source: ModelSource, tokenizer_dir: Path | None, vocab_size: int):
+def model_tokenizer(source: ModelSource, tokenizer_dir: Path | None, vocab_size: int):
     """The model's fast tokenizer (from `tokenizer_dir`, else the model folder), checked."""
     from sctd_dist.data.tokenizer import load_pretrained_tokenizer
 
