@@ -254,28 +254,37 @@ class ModernBertForMaskedLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor | None,
                 token_type_ids: torch.Tensor | None = None, routing: Routing | None = None,
                 split_layer: int | None = None, return_cls: bool = False,
-                document_ids: torch.Tensor | None = None) -> MLMOutput:
+                document_ids: torch.Tensor | None = None, padded: bool | torch.Tensor | None = None,
+                masked_positions: torch.Tensor | None = None) -> MLMOutput:
         """input_ids/attention_mask/labels/document_ids: [b, s] (labels -100 where nothing is
         predicted; document_ids None: attention across documents). `labels` None: no MLM head.
+        `padded` and `masked_positions` come with the loader's batches (no host sync); without
+        them they are computed here, as in `bert.BertForMaskedLM`.
 
         `cls_penultimate` is the [CLS] row of layer L-2's output through a parameter-free
         LayerNorm: a pre-norm residual stream is not normalised, and its raw scale would make
         the softmax of the consistency KL arbitrarily sharp."""
         real = attention_mask.bool()
-        padded = not bool(real.all())  # one host sync buys the unmasked kernels on packed data
-        enc = self.model(input_ids, real, padded, document_ids, routing, split_layer)
+        # Without padding no mask: the unmasked (fused) kernels.
+        padded = not bool(real.all()) if padded is None else bool(padded)
+        with tp.sequence_parallel_grad_bucket(self.model, self.ctx):
+            enc = self.model(input_ids, real, padded, document_ids, routing, split_layer)
         hidden = tp.leave_to_replicated(enc.hidden, self.ctx)
-        out = MLMOutput(None, None, None, None) if labels is None else self._mlm(hidden, labels)
+        out = (MLMOutput(None, None, None, None) if labels is None
+               else self._mlm(hidden, labels, masked_positions))
         if return_cls:
             pen = tp.leave_to_replicated(enc.penultimate, self.ctx)[:, 0]
             out = out._replace(cls_final=hidden[:, 0],
                                cls_penultimate=F.layer_norm(pen, pen.shape[-1:], eps=self.config.norm_eps))
         return out
 
-    def _mlm(self, hidden: torch.Tensor, labels: torch.Tensor) -> MLMOutput:
-        selected = labels.reshape(-1) >= 0
-        targets = labels.reshape(-1)[selected]
-        h = self.head(hidden.reshape(-1, hidden.shape[-1])[selected])
+    def _mlm(self, hidden: torch.Tensor, labels: torch.Tensor,
+             masked_positions: torch.Tensor | None) -> MLMOutput:
+        flat = labels.reshape(-1)
+        if masked_positions is None:  # a data-dependent size: a host sync
+            masked_positions = torch.nonzero(flat >= 0).squeeze(1)
+        targets = flat.index_select(0, masked_positions)
+        h = self.head(hidden.reshape(-1, hidden.shape[-1]).index_select(0, masked_positions))
         per_token, num_correct = self.decoder(h, self.model.embeddings.tok_embeddings.weight, targets)
         loss = per_token.mean() if targets.numel() else per_token.sum()
         return MLMOutput(loss=loss, per_token_loss=per_token, targets=targets, num_correct=num_correct)

@@ -155,7 +155,9 @@ def row_parallel_forward(layer: nn.Module, x: torch.Tensor, ctx: ParallelContext
     if not layer.partial_output:  # the layer reduced and added the bias
         return out
     out = mappings.reduce_scatter_to_sequence(out, ctx.tp_group)
-    return out if bias is None else out + sequence_parallel_param(layer, "bias", ctx)
+    # The bias the layer returned, not `layer.bias`: under ZeRO-3 the attribute is already
+    # partitioned again once the layer's forward is over, the returned tensor is whole.
+    return out if bias is None else out + sequence_parallel_param(layer, "bias", ctx, bias)
 
 
 def share_parameter(user: nn.Module, param: nn.Parameter) -> None:
@@ -166,11 +168,13 @@ def share_parameter(user: nn.Module, param: nn.Parameter) -> None:
     register_external_parameter(user, param)
 
 
-def sequence_parallel_param(module: nn.Module, name: str, ctx: ParallelContext) -> torch.Tensor:
-    """`module`'s replicated parameter `name`, applied to a sequence slice: its gradient is
-    summed over TP. Inside `sequence_parallel_grad_bucket` that sum is the bucket's one
-    all-reduce; elsewhere (ZeRO-3, a module run on its own) an all-reduce of its own."""
-    p = getattr(module, name)
+def sequence_parallel_param(module: nn.Module, name: str, ctx: ParallelContext,
+                            value: torch.Tensor | None = None) -> torch.Tensor:
+    """`module`'s replicated parameter `name` (or `value`, the tensor standing for it), applied
+    to a sequence slice: its gradient is summed over TP. Inside `sequence_parallel_grad_bucket`
+    that sum is the bucket's one all-reduce; elsewhere (ZeRO-3, a module run on its own) an
+    all-reduce of its own."""
+    p = getattr(module, name) if value is None else value
     if not (ctx.sequence_parallel and ctx.tp_size > 1):
         return p
     view = module.__dict__.get("_grad_views", {}).get(name)
