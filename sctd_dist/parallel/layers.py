@@ -155,9 +155,7 @@ def row_parallel_forward(layer: nn.Module, x: torch.Tensor, ctx: ParallelContext
     if not layer.partial_output:  # the layer reduced and added the bias
         return out
     out = mappings.reduce_scatter_to_sequence(out, ctx.tp_group)
-    # The bias the layer returned, not `layer.bias`: under ZeRO-3 the attribute is already
-    # partitioned again once the layer's forward is over, the returned tensor is whole.
-    return out if bias is None else out + sequence_parallel_param(layer, "bias", ctx, bias)
+    return out if bias is None else out + sequence_parallel_param(layer, "bias", ctx)
 
 
 def share_parameter(user: nn.Module, param: nn.Parameter) -> None:
@@ -168,13 +166,11 @@ def share_parameter(user: nn.Module, param: nn.Parameter) -> None:
     register_external_parameter(user, param)
 
 
-def sequence_parallel_param(module: nn.Module, name: str, ctx: ParallelContext,
-                            value: torch.Tensor | None = None) -> torch.Tensor:
-    """`module`'s replicated parameter `name` (or `value`, the tensor standing for it), applied
-    to a sequence slice: its gradient is summed over TP. Inside `sequence_parallel_grad_bucket`
-    that sum is the bucket's one all-reduce; elsewhere (ZeRO-3, a module run on its own) an
-    all-reduce of its own."""
-    p = getattr(module, name) if value is None else value
+def sequence_parallel_param(module: nn.Module, name: str, ctx: ParallelContext) -> torch.Tensor:
+    """`module`'s replicated parameter `name`, applied to a sequence slice: its gradient is
+    summed over TP. Inside `sequence_parallel_grad_bucket` that sum is the bucket's one
+    all-reduce; elsewhere (ZeRO-3, a module run on its own) an all-reduce of its own."""
+    p = getattr(module, name)
     if not (ctx.sequence_parallel and ctx.tp_size > 1):
         return p
     view = module.__dict__.get("_grad_views", {}).get(name)
@@ -183,26 +179,26 @@ def sequence_parallel_param(module: nn.Module, name: str, ctx: ParallelContext,
     return mappings.all_reduce_grad(p, ctx.tp_group)
 
 
-def _sequence_parallel_users(model: nn.Module) -> list[tuple[nn.Module, str]]:
-    return [(m, name) for m in model.modules()
-            for name in getattr(m, "sequence_parallel_params", ())]
-
-
-@contextlib.contextmanager
-def sequence_parallel_grad_bucket(model: nn.Module, ctx: ParallelContext) -> Iterator[None]:
+def sequence_parallel_grad_bucket(model: nn.Module, ctx: ParallelContext) -> contextlib.AbstractContextManager:
     """Run a forward of `model` in which the replicated parameters applied to sequence slices
     (LayerNorms, row-parallel biases: 6 per BERT layer) have their TP gradient sums done in one
     all-reduce after their backward, as Megatron does, instead of one tiny collective each.
 
     Under ZeRO-3 the parameters are only whole inside their own module's forward, so each
-    keeps its own all-reduce there."""
-    users = []
-    if ctx.sequence_parallel and ctx.tp_size > 1 and torch.is_grad_enabled():
-        users = [(m, n) for m, n in _sequence_parallel_users(model)
-                 if getattr(m, n).requires_grad]
-    if not users or any(hasattr(getattr(m, n), "ds_id") for m, n in users):
-        yield
-        return
+    keeps its own all-reduce there (and the forward runs with no bucket at all)."""
+    if not (ctx.sequence_parallel and ctx.tp_size > 1 and torch.is_grad_enabled()):
+        return contextlib.nullcontext()
+    # Read through `_parameters.items()`: under ZeRO-3 a parameter looked up by name outside its
+    # module's forward is gathered, and its partitioning bookkeeping goes wrong from there.
+    params = [(m, n, p) for m in model.modules() for n, p in m._parameters.items()
+              if n in getattr(m, "sequence_parallel_params", ()) and p is not None and p.requires_grad]
+    if not params or any(hasattr(p, "ds_id") for _, _, p in params):
+        return contextlib.nullcontext()
+    return _bucketed([(m, n) for m, n, _ in params], ctx)
+
+
+@contextlib.contextmanager
+def _bucketed(users: list[tuple[nn.Module, str]], ctx: ParallelContext) -> Iterator[None]:
     views = mappings.all_reduce_grads_bucketed([getattr(m, n) for m, n in users], ctx.tp_group)
     for (m, n), view in zip(users, views):
         m.__dict__.setdefault("_grad_views", {})[n] = view
