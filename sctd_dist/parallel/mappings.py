@@ -64,13 +64,10 @@ def _identity(x: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
     return x.view_as(x)
 
 
-def all_reduce(x: torch.Tensor, group: dist.ProcessGroup | None,
-               op: dist.ReduceOp = dist.ReduceOp.SUM) -> torch.Tensor:
-    """`x` reduced over `group` (in place where `x` is contiguous); nothing to do without a
-    group or in a group of one."""
-    if group is not None and world_size(group) > 1:
+def _all_reduce(x: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
+    if world_size(group) > 1:
         x = x.contiguous()
-        dist.all_reduce(x, op=op, group=group)
+        dist.all_reduce(x, group=group)
     return x
 
 
@@ -112,7 +109,7 @@ def reduce_scatter_to_sequence(x: torch.Tensor, group: dist.ProcessGroup | None)
 
 def all_reduce_grad(x: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
     """Identity whose backward sums the gradient over `group`."""
-    return _Collective.apply(x, group, _identity, all_reduce)
+    return _Collective.apply(x, group, _identity, _all_reduce)
 
 
 class _BucketedAllReduceGrads(torch.autograd.Function):
@@ -132,7 +129,7 @@ class _BucketedAllReduceGrads(torch.autograd.Function):
         for i, g in enumerate(grads):
             by_dtype.setdefault(g.dtype, []).append(i)
         for index in by_dtype.values():
-            flat = all_reduce(torch.cat([grads[i].reshape(-1) for i in index]), ctx.group)
+            flat = _all_reduce(torch.cat([grads[i].reshape(-1) for i in index]), ctx.group)
             for i, part in zip(index, flat.split([grads[i].numel() for i in index])):
                 out[i] = part.view_as(grads[i])
         return (None, *out)

@@ -27,12 +27,17 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from sctd_dist.parallel.mappings import all_reduce
 from sctd_dist.parallel.tied_embedding import TiedGradient, hand_over
 
 
 def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
     return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
+def _all_reduce(x: torch.Tensor, op: dist.ReduceOp, group: dist.ProcessGroup | None) -> torch.Tensor:
+    if group is not None:
+        dist.all_reduce(x, op=op, group=group)
+    return x
 
 
 class _DecoderCrossEntropy(torch.autograd.Function):
@@ -48,7 +53,7 @@ class _DecoderCrossEntropy(torch.autograd.Function):
         mine = (local >= 0) & (local < shard)
         local = local.masked_fill(~mine, 0)
         rows = torch.arange(n, device=probs.device)
-        target_logit = all_reduce(probs[rows, local] * mine, group)
+        target_logit = _all_reduce(probs[rows, local] * mine, dist.ReduceOp.SUM, group)
         shard_max = probs.amax(dim=-1)
         # In place: the logits are not needed once their softmax exists (an out-of-place
         # softmax would also pay page faults on a fresh [n, V] buffer every step).
@@ -58,9 +63,9 @@ class _DecoderCrossEntropy(torch.autograd.Function):
         if group is None:
             row_max, log_norm = shard_max, shard_norm.log()
         else:
-            row_max = all_reduce(shard_max.clone(), group, dist.ReduceOp.MAX)
+            row_max = _all_reduce(shard_max.clone(), dist.ReduceOp.MAX, group)
             rescaled = shard_norm * torch.exp(shard_max - row_max)  # this shard's part of the sum
-            norm = all_reduce(rescaled.clone(), group)
+            norm = _all_reduce(rescaled.clone(), dist.ReduceOp.SUM, group)
             probs.mul_((rescaled / norm)[:, None])  # the shard's softmax -> the global one
             log_norm = norm.log()
         per_token = row_max + log_norm - target_logit
