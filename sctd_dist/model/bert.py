@@ -8,7 +8,7 @@ goes through `sctd_dist.parallel.layers`; this file is model math.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -316,14 +316,23 @@ class BertForMaskedLM(nn.Module):
 
     def _mlm(self, hidden: torch.Tensor, labels: torch.Tensor,
              masked_positions: torch.Tensor | None) -> MLMOutput:
-        flat = labels.reshape(-1)
-        if masked_positions is None:  # a data-dependent size: a host sync
-            masked_positions = torch.nonzero(flat >= 0).squeeze(1)
-        targets = flat.index_select(0, masked_positions)
-        h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, masked_positions)
-        per_token, num_correct = self.cls.predictions(
-            h, self.bert.embeddings.word_embeddings.weight, targets)
-        # With nothing to predict the loss is an exact zero that still reaches every weight.
-        loss = per_token.mean() if targets.numel() else per_token.sum()
-        return MLMOutput(loss=loss, per_token_loss=per_token, targets=targets,
-                         num_correct=num_correct)
+        weight = self.bert.embeddings.word_embeddings.weight
+        return masked_lm(hidden, labels, masked_positions,
+                         lambda h, targets: self.cls.predictions(h, weight, targets))
+
+
+def masked_lm(hidden: torch.Tensor, labels: torch.Tensor, masked_positions: torch.Tensor | None,
+              predict: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+              ) -> MLMOutput:
+    """The MLM loss of the labelled rows of `hidden` [b, s, h]: `predict(rows, targets)` gives
+    (per-token loss, number correct). `masked_positions` (flat indices of the labelled
+    positions) comes with the loader's batches; without it, it is found here (a host sync)."""
+    flat = labels.reshape(-1)
+    if masked_positions is None:  # a data-dependent size: a host sync
+        masked_positions = torch.nonzero(flat >= 0).squeeze(1)
+    targets = flat.index_select(0, masked_positions)
+    per_token, num_correct = predict(hidden.reshape(-1, hidden.shape[-1]).index_select(0, masked_positions),
+                                     targets)
+    # With nothing to predict the loss is an exact zero that still reaches every weight.
+    loss = per_token.mean() if targets.numel() else per_token.sum()
+    return MLMOutput(loss=loss, per_token_loss=per_token, targets=targets, num_correct=num_correct)

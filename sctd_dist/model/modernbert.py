@@ -20,7 +20,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from sctd_dist.model.attention_masks import PhaseMasks, TokenRows, all_rows, phase_masks
-from sctd_dist.model.bert import EncoderOutput, MLMOutput
+from sctd_dist.model.bert import EncoderOutput, MLMOutput, masked_lm
 from sctd_dist.model.decoder import add_vocab_bias, tied_decode
 from sctd_dist.model.modernbert_config import ModernBertModelConfig
 from sctd_dist.model.rotary import apply_rotary, inverse_frequencies, rotary_angles
@@ -280,11 +280,6 @@ class ModernBertForMaskedLM(nn.Module):
 
     def _mlm(self, hidden: torch.Tensor, labels: torch.Tensor,
              masked_positions: torch.Tensor | None) -> MLMOutput:
-        flat = labels.reshape(-1)
-        if masked_positions is None:  # a data-dependent size: a host sync
-            masked_positions = torch.nonzero(flat >= 0).squeeze(1)
-        targets = flat.index_select(0, masked_positions)
-        h = self.head(hidden.reshape(-1, hidden.shape[-1]).index_select(0, masked_positions))
-        per_token, num_correct = self.decoder(h, self.model.embeddings.tok_embeddings.weight, targets)
-        loss = per_token.mean() if targets.numel() else per_token.sum()
-        return MLMOutput(loss=loss, per_token_loss=per_token, targets=targets, num_correct=num_correct)
+        weight = self.model.embeddings.tok_embeddings.weight
+        return masked_lm(hidden, labels, masked_positions,
+                         lambda h, targets: self.decoder(self.head(h), weight, targets))
