@@ -21,8 +21,8 @@
 # already installed is used as it is (pinned while installing; a CPU torch is never installed
 # on a host whose nvidia-smi lists GPUs). Sources: PyPI, or with SCTD_WHEELHOUSE=DIR only the
 # wheels in DIR, for machines without a registry: fill DIR on a machine with one by
-# `benchmarks/gpu.sh --fetch-wheels DIR` (PY_VERSION=3.12 names the target's Python; about 6 MB)
-# and carry it over.
+# `benchmarks/gpu.sh --fetch-wheels DIR` (PY_VERSION=3.12 names the target's Python; 49 wheels,
+# 119 MB, of which pyarrow is 55 MB: everything but the torch stack) and carry it over.
 #
 # Never a wasted run: when nvidia-smi lists GPUs that torch cannot see, it stops at once with one
 # line (driver, torch's CUDA version) instead of benchmarking the CPU; setup has a time limit
@@ -35,25 +35,39 @@ export SCTD_BENCH_T0=${SCTD_BENCH_T0:-$(date +%s)}  # the time budget counts the
 # caller's.
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 # What the benchmark imports besides torch (pip names): DeepSpeed and megatron-core at the
-# versions the test suite runs, the rest as in pyproject.toml. The checkout itself is imported
-# from its folder (no install).
+# versions the test suite runs, the rest as in pyproject.toml (tensorboard is optional: the
+# benchmark's runs log without it). The checkout itself is imported from its folder (no install).
 DEPS=("deepspeed==0.19.8" "megatron-core==0.16.1" "transformers>=4.40" "datasets>=3.0"
-      "tokenizers>=0.19" "safetensors>=0.4" "tensorboard>=2.15" "tqdm>=4.66" "psutil>=5.9" "numpy>=1.24")
-# What a CUDA image with torch and transformers may lack besides DEPS (for --fetch-wheels).
-EXTRA_WHEELS=(dill multiprocess xxhash hjson ninja py-cpuinfo pydantic pydantic-core annotated-types
-              typing-inspection msgpack einops nvidia-ml-py)
+      "tokenizers>=0.19" "safetensors>=0.4" "tqdm>=4.66" "psutil>=5.9" "numpy>=1.24")
+# What a host with torch has already and a wheel folder leaves out: torch, its CUDA libraries
+# and the packages only torch asks for.
+TORCH_STACK='^(torch|triton|nvidia-.*|cuda-.*|sympy|mpmath|networkx|jinja2|markupsafe|setuptools)$'
 SETUP_TIMEOUT_S=${SCTD_SETUP_TIMEOUT_S:-600}
 
-fetch_wheels() {  # --fetch-wheels DIR: download the wheels a registry-less machine needs
-    local dir=$1 py=${PY_VERSION:-3.12}
+fetch_wheels() {  # --fetch-wheels DIR: every wheel a registry-less machine with torch needs
+    local dir=$1 py=${PY_VERSION:-3.12} report pins
+    local target=(--only-binary=:all: --python-version "$py" --platform manylinux_2_28_x86_64
+                  --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64)
     mkdir -p "$dir" || return 1
+    report=$(mktemp) pins=$(mktemp)
     # DeepSpeed publishes a source archive only: build its (pure Python) wheel here.
     DS_BUILD_OPS=0 python3 -m pip wheel -q --no-deps -w "$dir" "${DEPS[0]}" || return 1
-    # --no-deps: never torch or CUDA libraries; the target's own stay in use.
-    python3 -m pip download -q --no-deps -d "$dir" --only-binary=:all: --python-version "$py" \
-        --platform manylinux2014_x86_64 --platform manylinux_2_28_x86_64 "${DEPS[@]:1:8}" "${EXTRA_WHEELS[@]}" \
-        || return 1
-    echo "wheels for Python $py in $dir; carry the folder and run with SCTD_WHEELHOUSE=$dir"
+    # The whole dependency closure for the target's Python, resolved as pip would there...
+    python3 -m pip install -q --dry-run --ignore-installed --report "$report" --target "$dir/.resolve" \
+        --find-links "$dir" "${target[@]}" "${DEPS[@]}" || return 1
+    # ... less the torch stack, which the target's own CUDA build provides.
+    python3 - "$report" "$TORCH_STACK" >"$pins" <<'PY' || return 1
+import json, re, sys
+report, stack = json.load(open(sys.argv[1])), re.compile(sys.argv[2])
+for item in report["install"]:
+    name, version = item["metadata"]["name"], item["metadata"]["version"]
+    if not stack.match(re.sub(r"[-_.]+", "-", name).lower()):
+        print(f"{name}=={version}")
+PY
+    python3 -m pip download -q --no-deps -d "$dir" --find-links "$dir" "${target[@]}" -r "$pins" || return 1
+    rm -rf "$report" "$pins" "$dir/.resolve"
+    echo "$(find "$dir" -name '*.whl' | wc -l) wheels ($(du -sh "$dir" | cut -f1)) for Python $py in $dir;" \
+        "carry the folder and run with SCTD_WHEELHOUSE=$dir"
 }
 
 if [[ ${1:-} == --fetch-wheels ]]; then

@@ -30,7 +30,7 @@ def _run(tmp_path: Path, data_dir: Path, *args: str) -> subprocess.CompletedProc
         ["bash", str(SCRIPT), "--device-kind", "cpu", "--model", "tiny", "--seqs", str(SEQ),
          "--tp", "1", "--out", str(tmp_path / "gpu.json"), "--work-dir", str(tmp_path / "work"),
          "--data-cache", str(data_dir.parent), *args],
-        cwd=REPO, env=env(), capture_output=True, text=True, timeout=300)
+        cwd=REPO, env=env(), capture_output=True, text=True, timeout=600)
 
 
 def test_cpu_smoke_run_records_every_arm(data_dir: Path, tmp_path: Path) -> None:
