@@ -1,6 +1,7 @@
-"""Small-scale quality at equal wall-clock: plain BERT vs vanilla token dropping vs ScTD.
+"""Small-scale quality at equal wall-clock: all tokens vs vanilla token dropping vs ScTD.
 
-Three copies of the same initial weights train on the embedded sample corpus with the project's
+Three copies of the same initial weights (BERT's block, or ModernBERT's with `--arch modernbert`:
+sliding-window layers, rotary positions, attention within documents, as train.py runs it) train on the embedded sample corpus with the project's
 own data pipeline (packed shards, dynamic masking, the resumable sampler) and model; each arm
 gets the same wall-clock budget of training time. The arms run interleaved in one process (the
 arm that has used the least time takes the next step), so background load on a shared machine
@@ -19,7 +20,8 @@ different step counts in the same time.
     python benchmarks/convergence.py                      # ~7 min on 2 CPU cores (make bench)
     python benchmarks/convergence.py --budget-s 600 --evals 15  # the committed study, ~32 min
 
-Writes benchmarks/results/convergence.json and convergence_loss.png / convergence_drift.png.
+Writes benchmarks/results/convergence.json and convergence_loss.png / convergence_drift.png
+(with `--arch modernbert`: convergence_modernbert.json, convergence_modernbert_loss.png, ...).
 """
 
 from __future__ import annotations
@@ -50,7 +52,9 @@ class Arm:
         self.mode = mode
         drop = TokenDropConfig(mode=mode, keep_ratio=args.keep_ratio, sctd_interval=args.sctd_interval,
                                sctd_weight=args.sctd_weight, mlm_mix=args.sctd_mlm_mix)
-        self.model = PretrainingModel(model_cfg, drop, special, ctx).to(device)
+        # Attention within documents as train.py defaults it for the architecture.
+        self.model = PretrainingModel(model_cfg, drop, special, ctx,
+                                      within_documents=args.arch == "modernbert").to(device)
         self.model.mlm.load_state_dict(state)
         self.model.train()
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=args.lr, betas=(0.9, 0.98), eps=1e-6,
@@ -101,15 +105,19 @@ def build(args, device: torch.device):
     from sctd_dist.data.dataset import PackedDataset
     from sctd_dist.data.loader import PretrainingDataLoader, ValidationDataLoader
     from sctd_dist.data.sample_cache import ensure_sample_dataset
-    from sctd_dist.model.config import BertModelConfig
+    from sctd_dist.model.arch import config_from_preset
 
     data_dir = args.data_path or ensure_sample_dataset(args.data_cache, seq_length=args.seq_length,
                                                        validation_fraction=args.validation_fraction)
     train, valid = PackedDataset(data_dir, split="train"), PackedDataset(data_dir, split="validation")
-    model_cfg = BertModelConfig.from_preset(
-        "tiny", vocab_size=train.vocab_size, num_hidden_layers=args.layers, hidden_size=args.hidden,
-        num_attention_heads=args.heads, intermediate_size=4 * args.hidden,
-        max_position_embeddings=max(512, args.seq_length))
+    shape = dict(vocab_size=train.vocab_size, num_hidden_layers=args.layers, hidden_size=args.hidden,
+                 num_attention_heads=args.heads)
+    if args.arch == "modernbert":  # the tiny preset's GLU width and 32-token window
+        special = train.special_ids
+        shape.update(pad_token_id=special.pad, cls_token_id=special.cls, sep_token_id=special.sep)
+    else:
+        shape.update(intermediate_size=4 * args.hidden, max_position_embeddings=max(512, args.seq_length))
+    model_cfg = config_from_preset(args.arch, "tiny", **shape)
     loader = PretrainingDataLoader(train, global_batch_size=args.batch, micro_batch_size=args.batch,
                                    dp_rank=0, dp_size=1, seed=args.seed)
     valid_loader = ValidationDataLoader(valid, micro_batch_size=args.batch, dp_rank=0, dp_size=1,
@@ -142,15 +150,20 @@ def train_interleaved(arms: dict[str, Arm], valid, budget_s: float, evals: int, 
     return time.perf_counter() - started
 
 
+def study_name(args, name: str) -> str:
+    """A study's file stem: `name` for BERT, `name`_modernbert for the modern block."""
+    return name if args.arch == "bert" else f"{name}_{args.arch}"
+
+
 def run(args) -> dict[str, Any]:
-    from sctd_dist.model.bert import BertForMaskedLM
+    from sctd_dist.model.arch import build_mlm
     from sctd_dist.parallel import initialize
 
     device = setup_torch(args)
     ctx = initialize(1)
     data_dir, train, model_cfg, loader, valid = build(args, device)
     torch.manual_seed(args.seed)
-    state = BertForMaskedLM(model_cfg, ctx).state_dict()  # one initialisation for every arm
+    state = build_mlm(model_cfg, ctx).state_dict()  # one initialisation for every arm
     arms = {m: Arm(m, args, model_cfg, train.special_ids, ctx, state, loader, device)
             for m in args.modes.split(",")}
     for arm in arms.values():
@@ -202,7 +215,7 @@ def _curves(ax, arms: dict[str, Any], key: str, ylabel: str, title: str, skip_fi
     ax.legend()
 
 
-def plot(result: dict[str, Any], out_dir: Path) -> list[Path]:
+def plot(result: dict[str, Any], out_dir: Path, stem: str) -> list[Path]:
     """Held-out loss vs training time, and drift (raw and centered [CLS] cosine) vs time."""
     import matplotlib
 
@@ -218,12 +231,14 @@ def plot(result: dict[str, Any], out_dir: Path) -> list[Path]:
     for ax, key, kind in ((axes[0], "cls_cosine", "raw"), (axes[1], "cls_cosine_centered", "centered")):
         _curves(ax, arms, key, f"cos([CLS] dropping, [CLS] full), {kind}",
                 f"[CLS] agreement, {kind} (higher = less drift)")
-    return save_figures([loss_fig, drift_fig], [out_dir / "convergence_loss.png", out_dir / "convergence_drift.png"])
+    return save_figures([loss_fig, drift_fig], [out_dir / f"{stem}_loss.png", out_dir / f"{stem}_drift.png"])
 
 
 def add_study_args(p: argparse.ArgumentParser) -> None:
     """Flags of the model, the pretraining objective, the data and the outputs, shared with
     quality.py."""
+    p.add_argument("--arch", choices=("bert", "modernbert"), default="bert",
+                   help="the encoder block (train.py's flag); modernbert attends within documents")
     p.add_argument("--layers", type=int, default=6)
     p.add_argument("--hidden", type=int, default=128)
     p.add_argument("--heads", type=int, default=2)
@@ -266,8 +281,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if not args.no_write:
         args.plots.mkdir(parents=True, exist_ok=True)
         payload["plots"] = [str(p.relative_to(REPO_ROOT) if p.is_relative_to(REPO_ROOT) else p)
-                            for p in plot(result, args.plots)]
-        write_json(args, "convergence", payload)
+                            for p in plot(result, args.plots, study_name(args, "convergence"))]
+        write_json(args, study_name(args, "convergence"), payload)
         print("wrote", *payload["plots"])
     return payload
 

@@ -36,7 +36,8 @@ from typing import Any
 import torch
 
 from common import REPO_ROOT, add_common_args, environment, markdown_table, save_figures, setup_torch, write_json
-from convergence import COLORS, LABELS, MODES, Arm, add_study_args, build, late_mean, train_interleaved
+from convergence import (COLORS, LABELS, MODES, Arm, add_study_args, build, late_mean, study_name,
+                         train_interleaved)
 
 # (quantity, direction): +1 higher is better, -1 lower is better
 PRETRAIN_QUANTITIES = {"final_loss": -1, "late_loss": -1, "cls_cosine_centered": +1, "time_to_baseline_s": -1}
@@ -59,7 +60,7 @@ def first_reach(evals: list[dict[str, Any]], target: float) -> float | None:
 def pretrain(args, device: torch.device) -> tuple[Path, Any, dict[tuple[str, int], Arm], float]:
     """All arms of all seeds, trained interleaved for the budget; returns (data dir, model config,
     {(mode, seed): arm}, wall seconds)."""
-    from sctd_dist.model.bert import BertForMaskedLM
+    from sctd_dist.model.arch import build_mlm
     from sctd_dist.parallel import initialize
 
     ctx = initialize(1)
@@ -70,7 +71,7 @@ def pretrain(args, device: torch.device) -> tuple[Path, Any, dict[tuple[str, int
         seeded.seed = seed
         loader = build(seeded, device)[3]  # the data order of this seed
         torch.manual_seed(seed)
-        state = BertForMaskedLM(model_cfg, ctx).state_dict()  # one initialisation per seed
+        state = build_mlm(model_cfg, ctx).state_dict()  # one initialisation per seed
         for mode in MODES:
             arms[(mode, seed)] = Arm(mode, args, model_cfg, train.special_ids, ctx, state, loader, device)
             torch.manual_seed(seed)  # the same dropout stream for the first evaluation of each arm
@@ -263,7 +264,7 @@ def _band(ax, result: dict[str, Any], mode: str, key: str) -> None:
     ax.fill_between(t, [min(y) for y in ys], [max(y) for y in ys], color=COLORS[mode], alpha=0.2)
 
 
-def plot(result: dict[str, Any], summary: dict[str, Any], out_dir: Path) -> list[Path]:
+def plot(result: dict[str, Any], summary: dict[str, Any], out_dir: Path, stem: str) -> list[Path]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -301,7 +302,7 @@ def plot(result: dict[str, Any], summary: dict[str, Any], out_dir: Path) -> list
         ax.set_title(q, fontsize=9)
         ax.grid(alpha=0.3, axis="y")
     fig2.suptitle("Fine-tuned on the offline suite: mean (bar) and each seed (dots)", fontsize=10)
-    return save_figures([fig, fig2], [out_dir / "quality_pretraining.png", out_dir / "quality_downstream.png"])
+    return save_figures([fig, fig2], [out_dir / f"{stem}_pretraining.png", out_dir / f"{stem}_downstream.png"])
 
 
 # ----------------------------------------------------------------------------- main
@@ -349,8 +350,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if not args.no_write:
         args.plots.mkdir(parents=True, exist_ok=True)
         payload["plots"] = [str(p.relative_to(REPO_ROOT) if p.is_relative_to(REPO_ROOT) else p)
-                            for p in plot(result, summary, args.plots)]
-        write_json(args, "quality", payload)
+                            for p in plot(result, summary, args.plots, study_name(args, "quality"))]
+        write_json(args, study_name(args, "quality"), payload)
         print("wrote", *payload["plots"])
     return payload
 

@@ -34,10 +34,10 @@ from sctd_dist.ds_config import (apply_lr_schedule, check_device_support, load_d
 from sctd_dist.flops import step_flops
 from sctd_dist.lr_schedule import WSD, WSDScheduler
 from sctd_dist.metrics import MetricsLogger
-from sctd_dist.model.arch import ModelConfig, hf_class, hf_model_type, run_model_config
+from sctd_dist.model.arch import ModelConfig, arch_of, hf_class, hf_model_type, run_model_config
 from sctd_dist.model.pretraining import PretrainingModel, check_layout
 from sctd_dist.parallel import MegatronMPU, ParallelContext, check_tp_size, initialize, launch_env
-from sctd_dist.parallel.kernels import allow_tf32, sdpa_backend
+from sctd_dist.parallel.kernels import allow_tf32, sdpa_backend, use_flex_attention
 from sctd_dist.run_lock import RunLock
 from sctd_dist.run_record import RunRecord
 from sctd_dist.special_tokens import SpecialTokenIds
@@ -200,15 +200,19 @@ def check_paths(cfg: TrainConfig) -> None:
 
 def runtime_info(model_cfg: ModelConfig, ctx: ParallelContext, seq_length: int,
                  dtype: torch.dtype, compiled: bool) -> dict[str, Any]:
-    """How this run executes: the memory allocator, the attention kernel that
-    scaled_dot_product_attention picks for the layers' shapes (flash / efficient / math), and
-    whether the encoder layers are compiled."""
+    """How this run executes: the memory allocator, the attention kernel the layers' shapes get
+    (scaled_dot_product_attention's flash / efficient / math, or FlexAttention for ModernBERT's
+    masked layers on a GPU), and whether the encoder layers are compiled."""
     heads = model_cfg.num_attention_heads // ctx.tp_size
     dropout = model_cfg.attention_probs_dropout_prob
+    # ModernBERT's sliding-window layers always carry a mask (see model.attention_masks).
+    masked = arch_of(model_cfg) == "modernbert"
     if compiled and ctx.tp_size > 1 and dropout > 0:
         backend = "math (compiled, TP-sharded attention dropout)"  # see parallel.layers.attention
+    elif masked and use_flex_attention(ctx.device, dropout):
+        backend = "flex_attention (block masks)"
     else:
-        backend = sdpa_backend(1, heads, seq_length, model_cfg.head_dim, dtype, ctx.device, dropout)
+        backend = sdpa_backend(1, heads, seq_length, model_cfg.head_dim, dtype, ctx.device, dropout, masked)
     return {"allocator": allocator_in_use(), "sdpa_backend": backend, "compile": compiled}
 
 

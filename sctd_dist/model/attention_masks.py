@@ -11,11 +11,15 @@ documents whatever the gather did to their order:
                     attention row is empty)
 
 Both architectures use it: BERT's layers take the [b, 1, q, k] mask as they take a key mask.
+On a GPU, ModernBERT's layers take the same rule as a FlexAttention block mask instead
+(`block_mask`): the kernel skips the blocks the sliding window and the document boundaries
+leave empty, where SDPA with a dense mask computes every score and falls back from its
+FlashAttention kernel.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 
@@ -43,33 +47,61 @@ def all_rows(real: torch.Tensor, documents: torch.Tensor | None) -> TokenRows:
     return TokenRows(positions, real, documents)
 
 
+def _allowed(q_pos: torch.Tensor, q_doc: torch.Tensor | None, k_pos: torch.Tensor, k_real: torch.Tensor,
+             k_doc: torch.Tensor | None, window: int | None) -> torch.Tensor:
+    """The rule of the module docstring, elementwise: on broadcast [b, q, k] tensors for a
+    dense mask, on the indexed entries for a FlexAttention `mask_mod`."""
+    distance = q_pos - k_pos
+    allowed = k_real
+    if q_doc is not None:
+        allowed = allowed & (q_doc == k_doc)
+    if window is not None:
+        allowed = allowed & (distance.abs() <= window)
+    return allowed | (distance == 0)
+
+
 def attention_mask(queries: TokenRows, keys: TokenRows, window: int | None = None) -> torch.Tensor:
     """[b, 1, n_q, n_k] bool, True = may attend (the rule of the module docstring); `window`:
     the largest allowed distance in original positions (None: no window)."""
-    allowed = keys.real[:, None, :].expand(-1, queries.real.shape[1], -1)
-    if queries.documents is not None:
-        allowed = allowed & (queries.documents[:, :, None] == keys.documents[:, None, :])
-    distance = queries.positions[:, :, None] - keys.positions[:, None, :]
-    if window is not None:
-        allowed = allowed & (distance.abs() <= window)
-    return (allowed | (distance == 0))[:, None]
+    q_doc = None if queries.documents is None else queries.documents[:, :, None]
+    k_doc = None if keys.documents is None else keys.documents[:, None, :]
+    allowed = _allowed(queries.positions[:, :, None], q_doc, keys.positions[:, None, :],
+                       keys.real[:, None, :], k_doc, window)
+    return allowed[:, None]
+
+
+def block_mask(queries: TokenRows, keys: TokenRows, window: int | None = None):
+    """The same rule as `attention_mask`, as a FlexAttention BlockMask (heads broadcast)."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    def mask_mod(b, h, q, k):
+        q_doc = None if queries.documents is None else queries.documents[b, q]
+        k_doc = None if keys.documents is None else keys.documents[b, k]
+        return _allowed(queries.positions[b, q], q_doc, keys.positions[b, k], keys.real[b, k], k_doc, window)
+
+    b, n_q = queries.positions.shape
+    return create_block_mask(mask_mod, b, None, n_q, keys.positions.shape[1], device=queries.positions.device)
 
 
 class PhaseMasks(NamedTuple):
-    """Masks of the three shapes a token-dropping forward needs (None: attend everywhere)."""
+    """Masks of the three shapes a token-dropping forward needs (None: attend everywhere):
+    dense bool tensors, or BlockMasks for FlexAttention."""
 
-    full: torch.Tensor | None  # all queries x all keys
-    split: torch.Tensor | None  # kept queries x all keys
-    kept: torch.Tensor | None  # kept queries x kept keys
+    full: Any  # all queries x all keys
+    split: Any  # kept queries x all keys
+    kept: Any  # kept queries x kept keys
 
 
-def phase_masks(rows: TokenRows, routing: Routing | None, window: int | None = None) -> PhaseMasks:
-    """The masks of every phase for `rows` (all tokens) and the kept tokens of `routing`."""
-    full = attention_mask(rows, rows, window)
+def phase_masks(rows: TokenRows, routing: Routing | None, window: int | None = None,
+                flex: bool = False) -> PhaseMasks:
+    """The masks of every phase for `rows` (all tokens) and the kept tokens of `routing`;
+    `flex`: as FlexAttention block masks."""
+    make = block_mask if flex else attention_mask
+    full = make(rows, rows, window)
     if routing is None:
         return PhaseMasks(full, None, None)
     kept = rows.gather(routing.kept)
-    return PhaseMasks(full, attention_mask(kept, rows, window), attention_mask(kept, kept, window))
+    return PhaseMasks(full, make(kept, rows, window), make(kept, kept, window))
 
 
 def document_ids(input_ids: torch.Tensor, sep_id: int) -> torch.Tensor:

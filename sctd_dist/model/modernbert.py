@@ -27,6 +27,7 @@ from sctd_dist.model.rotary import apply_rotary, inverse_frequencies, rotary_ang
 from sctd_dist.model.router import Routing, gather_tokens, scatter_tokens
 from sctd_dist.parallel import layers as tp
 from sctd_dist.parallel import sharded_ops
+from sctd_dist.parallel.kernels import use_flex_attention
 from sctd_dist.parallel.random import SHARDED_RNG, checkpoint_context_fn
 from sctd_dist.parallel.state import ParallelContext
 
@@ -150,6 +151,8 @@ class ModernBertModel(nn.Module):
         self.register_buffer("local_inv_freq", inverse_frequencies(cfg.head_dim, cfg.local_rope_theta),
                              persistent=False)
         self.activation_checkpointing = cfg.activation_checkpointing
+        # Masked layers as FlexAttention block masks where that kernel serves (CUDA, no dropout).
+        self.flex_attention = use_flex_attention(ctx.device, cfg.attention_dropout)
 
     def _run(self, layer: ModernBertEncoderLayer, *args) -> torch.Tensor:
         if self.activation_checkpointing and self.training and torch.is_grad_enabled():
@@ -166,7 +169,8 @@ class ModernBertModel(nn.Module):
             inv = self.global_inv_freq if is_global else self.local_inv_freq
             window = None if is_global else cfg.local_attention // 2
             unmasked = is_global and not padded and rows.documents is None
-            masks = PhaseMasks(None, None, None) if unmasked else phase_masks(rows, routing, window)
+            masks = (PhaseMasks(None, None, None) if unmasked
+                     else phase_masks(rows, routing, window, flex=self.flex_attention))
             angles_all = rotary_angles(rows.positions, inv)
             angles_kept = None if kept is None else rotary_angles(kept.positions, inv)
             plan[is_global] = (masks, angles_all, angles_kept)

@@ -1,5 +1,6 @@
-"""How the encoder layers run on the device: `torch.compile` of each layer, and which fused
-attention kernel `scaled_dot_product_attention` picks for the run's shapes.
+"""How the encoder layers run on the device: `torch.compile` of each layer, which fused
+attention kernel `scaled_dot_product_attention` picks for the run's shapes, and when masked
+attention runs as FlexAttention instead.
 
 Each layer's `forward` is compiled on its own (as torchtitan compiles each transformer block):
 the module hooks around it (ZeRO-3's parameter gathering, activation checkpointing) stay
@@ -35,6 +36,29 @@ def compile_each(layers: Iterable[nn.Module], *, backend: str = "inductor") -> i
         layer.forward = torch.compile(layer.forward, backend=backend, dynamic=False)
         count += 1
     return count
+
+
+def use_flex_attention(device: torch.device, dropout_p: float) -> bool:
+    """Whether masked attention (sliding windows, documents) runs as FlexAttention with a block
+    mask: on CUDA, without attention dropout (FlexAttention has none). Its Triton kernel skips
+    the masked-out blocks; SDPA with a dense mask computes them and cannot use FlashAttention.
+    On CPUs FlexAttention has no backward, so SDPA stays."""
+    return device.type == "cuda" and dropout_p == 0.0
+
+
+_FLEX = None
+
+
+def flex_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask) -> torch.Tensor:
+    """FlexAttention, compiled once per process: uncompiled it runs as unfused reference code."""
+    global _FLEX
+    from torch.nn.attention.flex_attention import flex_attention as flex
+
+    if torch.compiler.is_compiling():  # inside a compiled layer: its graph fuses the call
+        return flex(q, k, v, block_mask=block_mask)
+    if _FLEX is None:
+        _FLEX = torch.compile(flex, dynamic=False)
+    return _FLEX(q, k, v, block_mask=block_mask)
 
 
 def sdpa_backend(batch: int, heads: int, seq_length: int, head_dim: int, dtype: torch.dtype,

@@ -14,8 +14,9 @@ from typing import Callable, Iterator
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention.flex_attention import BlockMask
 
-from sctd_dist.parallel import mappings, sharded_ops
+from sctd_dist.parallel import kernels, mappings, sharded_ops
 from sctd_dist.parallel.random import SHARDED_RNG
 from sctd_dist.parallel.state import ParallelContext
 
@@ -225,13 +226,16 @@ def split_to_sequence(x: torch.Tensor, ctx: ParallelContext) -> torch.Tensor:
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
               dropout_p: float, ctx: ParallelContext) -> torch.Tensor:
-    """`scaled_dot_product_attention` over this rank's heads (`mask`: True = a real key).
+    """`scaled_dot_product_attention` over this rank's heads (`mask`: True = may attend), or
+    FlexAttention when `mask` is a block mask.
 
     Each TP rank owns different heads, so their attention-dropout masks must differ: the
     dropout draws from the sharded stream. The fused kernels draw inside themselves, which a
     compiled graph cannot redirect, so a compiled layer at TP > 1 with attention dropout runs
     the attention as matmuls, softmax and a sharded dropout mask (`sharded_ops`) instead.
     """
+    if isinstance(mask, BlockMask):  # chosen only without dropout (kernels.use_flex_attention)
+        return kernels.flex_attention(q, k, v, mask)
     if dropout_p == 0.0 or ctx.tp_size == 1:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
     if torch.compiler.is_compiling():

@@ -237,3 +237,18 @@ def test_activation_checkpointing_replays_the_same_step(ctx1):
     assert torch.equal(loss_a, loss_b)
     for name, g in grads_a.items():
         torch.testing.assert_close(grads_b[name], g, rtol=1e-6, atol=1e-7, msg=name)
+
+
+def test_flex_attention_block_masks_equal_the_dense_masks(ctx1):
+    """The GPU path (FlexAttention with block masks, compiled) computes what the CPU path
+    (SDPA with dense masks) does, in every phase of the dropping schedule, windows and
+    documents included. Forward only: FlexAttention has no backward on CPUs."""
+    from sctd_dist.model.router import route
+
+    model = ours(ctx1)
+    assert model.model.flex_attention is False  # a CPU run keeps SDPA
+    routing = route(BATCH["input_ids"], BATCH["attention_mask"], _importance(), 0.5)
+    dense = logits_of(model, BATCH, routing=routing, split_layer=1, document_ids=DOCS)
+    model.model.flex_attention = True
+    flex = logits_of(model, BATCH, routing=routing, split_layer=1, document_ids=DOCS)
+    assert (flex - dense).abs().max() <= 1e-5

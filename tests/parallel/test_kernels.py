@@ -89,3 +89,12 @@ def test_sdpa_backend_names_a_kernel() -> None:
     names = {"flash_attention", "efficient_attention", "cudnn_attention", "math"}
     for dropout, padded in ((0.0, False), (0.1, True)):
         assert sdpa_backend(2, 4, 16, 8, torch.float32, torch.device("cpu"), dropout, padded) in names
+
+
+def test_flex_attention_serves_masked_layers_on_cuda_without_dropout_only() -> None:
+    from sctd_dist.parallel.kernels import use_flex_attention
+
+    cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
+    assert use_flex_attention(cuda, 0.0)
+    assert not use_flex_attention(cuda, 0.1)  # FlexAttention has no dropout
+    assert not use_flex_attention(cpu, 0.0)  # nor a backward on CPUs
