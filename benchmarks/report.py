@@ -191,12 +191,17 @@ def gpu(d: dict[str, Any]) -> str:
 
 SECTIONS: list[tuple[str, str, Callable[[dict[str, Any]], str]]] = [
     ("token_drop", "Token dropping: throughput against theory", token_drop),
+    ("token_drop_modernbert", "Token dropping on the modern block (ModernBERT): throughput against theory",
+     token_drop),
     ("convergence", "Quality at equal wall-clock, and semantic drift", convergence),
     ("quality", "Time to quality over seeds, and downstream scores", quality),
+    ("quality_modernbert", "Time to quality over seeds on the modern block (ModernBERT)", quality),
     ("scaling", "Tensor and data parallelism on 2 ranks", scaling),
     ("zero_stages", "Memory per rank per ZeRO stage", zero_stages),
     ("model_step", "Our model against transformers' BertForMaskedLM", model_step),
     ("train_vs_hf", "Training through train.py against transformers' BertForMaskedLM", train_vs_hf),
+    ("train_vs_hf_modernbert", "Training through train.py against transformers' ModernBertForMaskedLM",
+     train_vs_hf),
     ("allocator", "CPU memory allocator", allocator),
     ("data_pipeline", "Data pipeline", data_pipeline),
     ("gpu", "GPU: BERT-large throughput and MFU", gpu),
