@@ -55,6 +55,13 @@ $(STAMP): pyproject.toml $(CONSTRAINTS)
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq slurm-wlm munge >/dev/null; \
 	  else echo "warning: slurm-wlm/munge missing and not root with apt-get: the real-cluster tests will fail; install slurm-wlm and munge" >&2; fi; \
 	fi
+	@# `ip`, to bring up loopback in the network namespace of tests/benchmarks/test_gpu_offline_install.py.
+	@if ! command -v ip >/dev/null 2>&1; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing iproute2 (the offline-install test)"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq iproute2 >/dev/null; \
+	  else echo "warning: ip (iproute2) missing and not root with apt-get: the offline-install test will fail; install iproute2" >&2; fi; \
+	fi
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip setuptools wheel
 	$(BIN)/python -m pip install -q "torch==$(TORCH_VERSION)"

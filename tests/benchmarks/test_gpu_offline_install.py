@@ -28,6 +28,7 @@ PREINSTALLED_TRANSFORMERS = "transformers==5.17.0"
 def _cut_network() -> list[str]:
     """The command prefix that runs a command in a new network namespace with only loopback up
     (torchrun's rendezvous needs it)."""
+    assert shutil.which("ip"), "`ip` (iproute2) is missing: `make setup` installs it as root"
     for prefix in (["unshare", "--net"], ["unshare", "--net", "--map-root-user"]):
         probe = subprocess.run([*prefix, "true"], capture_output=True)
         if probe.returncode == 0:
