@@ -1,17 +1,19 @@
 #!/usr/bin/env bash
-# BERT-large training throughput and MFU on this machine's GPUs, from a bare checkout.
+# BERT-large (and ModernBERT-large) training throughput and MFU on this machine's GPUs, from a
+# bare checkout.
 #
 #   benchmarks/gpu.sh --quick --out-dir DIR     # the one-shot run: at most 9 minutes in all
 #   benchmarks/gpu.sh [--seqs 128,512] [--modes none,vanilla,sctd] [--compile-modes eager,compiled] ...
 #
 # Installs what the benchmark needs when it is missing (see `setup` below), then runs
-# sctd_dist/train.py (torchrun, bf16, ds_configs/zero2_bf16.json) for BERT-large at sequence
-# length 128 and 512, token dropping none / vanilla / sctd (keep ratio 0.5), eager and with
-# --compile, TP=1 (and TP=2 with sequence parallelism when >= 2 GPUs are visible). --quick: 20
-# steps per arm (10 timed), no gradient accumulation, and a 540 s budget counted from this
-# script's start: arms that no longer fit are recorded as skipped, so the run ends in time.
-# Results: DIR/gpu.json (device, every arm with tokens/s per GPU, MFU, peak memory, SDPA kernel,
-# compile on/off; the command) and DIR/gpu.md (table and goals); without --out-dir
+# sctd_dist/train.py (torchrun, bf16, ds_configs/zero2_bf16.json) for BERT-large (then
+# ModernBERT-large; --archs bert leaves it out) at sequence length 128 and 512, token dropping
+# none / vanilla / sctd (keep ratio 0.5), eager and with --compile, TP=1 (and TP=2 with sequence
+# parallelism when >= 2 GPUs are visible). --quick: 20 steps per arm (10 timed), no gradient
+# accumulation, and a 540 s budget counted from this script's start: arms that no longer fit are
+# recorded as skipped, so the run ends in time. Results: DIR/gpu.json (device, every arm with
+# tokens/s per GPU, MFU, peak memory, attention kernel, compile on/off; the command) and
+# DIR/gpu.md (table and goals); without --out-dir
 # benchmarks/results/gpu.json. Run logs in runs/gpu_bench/. Exits non-zero if an arm failed.
 # All flags: benchmarks/gpu.sh --help. CPU smoke run: --device-kind cpu --model tiny --seqs 64.
 #

@@ -1,7 +1,7 @@
-"""BERT-large training throughput and model-FLOPs utilisation on GPUs (issue 7), via the real
-training entry point.
+"""BERT-large (and ModernBERT-large) training throughput and model-FLOPs utilisation on GPUs, via
+the real training entry point.
 
-Every arm (sequence length x tensor-parallel size x token-drop mode) is one run of
+Every arm (architecture x sequence length x tensor-parallel size x token-drop mode) is one run of
 `sctd_dist/train.py` under torchrun (`train_runs.run_training`); the numbers are what that run
 wrote to its own metrics.jsonl, over the steps after the warmup. Arms run one after another on
 the same GPUs; this process never touches CUDA itself (the device is probed in a subprocess), so
@@ -15,7 +15,7 @@ all GPU memory belongs to the runs.
 Per arm: tokens/s per GPU (all tokens of the global batch over the run's GPUs), TFLOP/s per GPU
 and MFU as counted by `sctd_dist.metrics` (matmul FLOPs of the layer schedule that actually ran,
 `sctd_dist.flops`; a dropping arm is credited only with the FLOPs it performs), against the
-device's dense bf16 peak. Against the `none` arm of the same (seq, TP): MFU difference in points,
+device's dense bf16 peak. Against the `none` arm of the same (architecture, seq, TP): MFU difference in points,
 the theoretical step-FLOP ratio (`step_flops_per_sequence`, averaged over one ScTD interval for
 sctd), the measured time ratio and realised = measured saving / theoretical saving.
 """
@@ -40,7 +40,8 @@ from train_runs import TrainingRunFailed, run_training, summarize
 
 from sctd_dist.ds_config import load_ds_config, precision
 from sctd_dist.flops import peak_tflops, step_flops_per_sequence
-from sctd_dist.model.config import PRESETS, BertModelConfig, TokenDropConfig
+from sctd_dist.model.arch import ARCHS, ModelConfig, config_from_preset
+from sctd_dist.model.config import PRESETS, TokenDropConfig
 from sctd_dist.model.router import num_kept
 
 MODES = ("none", "vanilla", "sctd")
@@ -51,6 +52,8 @@ MASK_FRACTION = 0.15
 # The BERT vocabulary. Without it the model would take the 8192-word vocabulary of the embedded
 # sample corpus's tokenizer, which makes the MLM head and embeddings smaller than BERT-large's.
 BERT_VOCAB = 30522
+# Each architecture's released vocabulary (ModernBERT's tokenizer: 50368 rows).
+ARCH_VOCAB = {"bert": BERT_VOCAB, "modernbert": 50368}
 # Per-GPU micro-batches for an 80 GB GPU in bf16 without activation checkpointing: 8192 tokens
 # per micro-batch at both lengths, leaving room for ScTD's second (full-token) pass.
 GPU_MICRO_BATCH = {128: 64, 512: 16}
@@ -150,7 +153,7 @@ def precision_of(ds_config: Path) -> str:
     return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "fp32")
 
 
-def theoretical_ratio(model_cfg: BertModelConfig, mode: str, seq: int) -> float:
+def theoretical_ratio(model_cfg: ModelConfig, mode: str, seq: int) -> float:
     """Step FLOPs of `mode` over those of no dropping, per sequence; for sctd the mean over one
     ScTD interval (one consistency step with the extra full-token pass, interval-1 plain ones)."""
     base = step_flops_per_sequence(model_cfg, TokenDropConfig(mode="none"), seq,
@@ -167,18 +170,24 @@ def theoretical_ratio(model_cfg: BertModelConfig, mode: str, seq: int) -> float:
 # ----------------------------------------------------------------------------- arms
 
 def arm_order(arm: dict[str, Any]) -> tuple:
-    """Arms in order of value, so a run cut short keeps what matters most: the no-drop baselines
-    at TP=1 eager (the longest sequence first: the MFU goal's), then the dropping modes, then
-    TP > 1, compiled arms last."""
-    return (arm["compile"], arm["tp"] > 1, arm["mode"] != "none", -arm["seq_length"], arm["tp"],
-            MODES.index(arm["mode"]))
+    """Arms in order of value, so a run cut short keeps what matters most: BERT's no-drop
+    baselines at TP=1 eager (the longest sequence first: the MFU goal's), then its dropping
+    modes, then ModernBERT's TP=1 eager arms in the same order, then TP > 1, compiled arms last."""
+    return (arm["compile"], arm["tp"] > 1, ARCHS.index(arm["arch"]), arm["mode"] != "none",
+            -arm["seq_length"], arm["tp"], MODES.index(arm["mode"]))
+
+
+def vocab_size(args: argparse.Namespace, arch: str) -> int:
+    """--vocab-size, else the architecture's released vocabulary."""
+    return args.vocab_size or ARCH_VOCAB[arch]
 
 
 def build_arms(args: argparse.Namespace, kind: str, gpus: int) -> list[dict[str, Any]]:
-    """Every (compile, seq, TP, mode) configuration, in `arm_order`."""
-    model_cfg = BertModelConfig.from_preset(args.model, {"vocab_size": args.vocab_size})
+    """Every (architecture, compile, seq, TP, mode) configuration, in `arm_order`."""
     arms = []
-    for compiled, seq, tp in ((c, s, t) for c in args.compile_modes for s in args.seqs for t in args.tp):
+    for arch, compiled, seq, tp in ((a, c, s, t) for a in args.archs for c in args.compile_modes
+                                    for s in args.seqs for t in args.tp):
+        model_cfg = config_from_preset(arch, args.model, {"vocab_size": vocab_size(args, arch)})
         nproc = tp  # one rank per TP shard, DP = 1: per-GPU numbers without DP communication
         dp = nproc // tp
         # TP > 1 runs with sequence parallelism (Megatron's recommendation with TP): the
@@ -188,8 +197,9 @@ def build_arms(args: argparse.Namespace, kind: str, gpus: int) -> list[dict[str,
         micro = micro_batch_for(seq, args.micro_batch, kind)
         for mode in args.modes:
             arm: dict[str, Any] = {
-                "name": f"s{seq}-tp{tp}-{mode}" + ("-compiled" if compiled else ""),
-                "seq_length": seq, "tp": tp, "nproc": nproc, "dp": dp, "sequence_parallel": sp,
+                "name": ("" if arch == "bert" else f"{arch}-") + f"s{seq}-tp{tp}-{mode}"
+                        + ("-compiled" if compiled else ""),
+                "arch": arch, "seq_length": seq, "tp": tp, "nproc": nproc, "dp": dp, "sequence_parallel": sp,
                 "mode": mode, "compile": compiled, "micro_batch": micro,
                 "theory_flop_ratio": theoretical_ratio(model_cfg, mode, seq),
             }
@@ -206,7 +216,7 @@ def build_arms(args: argparse.Namespace, kind: str, gpus: int) -> list[dict[str,
 
 def train_args_for(arm: dict[str, Any], args: argparse.Namespace, model_config: Path) -> list[str]:
     """The sctd_dist/train.py flags of one arm (torchrun and --log-dir are added by run_training)."""
-    out = ["--deepspeed_config", str(args.ds_config), "--model", args.model,
+    out = ["--deepspeed_config", str(args.ds_config), "--arch", arm["arch"], "--model", args.model,
            "--model-config", str(model_config), "--seq-length", str(arm["seq_length"]),
            "--token-drop", arm["mode"], "--token-keep-ratio", str(KEEP_RATIO),
            "--tensor-model-parallel-size", str(arm["tp"]),
@@ -320,14 +330,16 @@ class Budget:
 
 
 def add_comparisons(arms: list[dict[str, Any]]) -> None:
-    """Each arm against the `none` arm of the same (seq, TP, compile): MFU difference, measured
-    time ratio (baseline tokens/s over this arm's: the global batch and length are the same) and
-    realised = measured saving / theoretical saving."""
-    base = {(a["seq_length"], a["tp"], a["compile"]): a for a in arms
-            if a["mode"] == "none" and a.get("status") == "ok"}
+    """Each arm against the `none` arm of the same (architecture, seq, TP, compile): MFU
+    difference, measured time ratio (baseline tokens/s over this arm's: the global batch and
+    length are the same) and realised = measured saving / theoretical saving."""
+    def key(a: dict[str, Any]) -> tuple:
+        return a["arch"], a["seq_length"], a["tp"], a["compile"]
+
+    base = {key(a): a for a in arms if a["mode"] == "none" and a.get("status") == "ok"}
     for a in arms:
         a.update(mfu_minus_baseline=None, measured_time_ratio=None, realised_saving=None)
-        b = base.get((a["seq_length"], a["tp"], a["compile"]))
+        b = base.get(key(a))
         if b is None or a.get("status") != "ok":
             continue
         if a.get("mfu") is not None and b.get("mfu") is not None:
@@ -371,14 +383,14 @@ def _num(x: float | None, fmt: str) -> str:
 
 def table(arms: list[dict[str, Any]]) -> str:
     """The markdown table printed at the end and stored in the JSON."""
-    headers = ["seq", "TP", "SP", "mode", "compile", "SDPA", "micro/global", "tokens/s per GPU",
+    headers = ["arch", "seq", "TP", "SP", "mode", "compile", "attention kernel", "micro/global", "tokens/s per GPU",
                "TFLOP/s per GPU", "MFU", "MFU - baseline MFU (pts)", "theory FLOP ratio",
                "measured time ratio", "realised saving", "peak mem GiB", "status"]
     rows = []
     for a in arms:
         ok = a.get("status") == "ok"
         rows.append([
-            a["seq_length"], a["tp"], "on" if a["sequence_parallel"] else "off", a["mode"],
+            a["arch"], a["seq_length"], a["tp"], "on" if a["sequence_parallel"] else "off", a["mode"],
             "on" if a["compile"] else "off", a.get("sdpa_backend") or "-",
             f"{a['micro_batch']}/{a.get('global_batch')}",
             f"{a['tokens_per_s_per_gpu']:,.0f}" if ok else "-",
@@ -448,10 +460,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--global-batch", type=int, default=os.environ.get(ENV_GLOBAL),
                    help=f"global batch (env {ENV_GLOBAL}; default GPU {GPU_GLOBAL_BATCH}, "
                         "CPU / --quick: one micro-batch per rank)")
+    p.add_argument("--archs", default=None,
+                   help="bert, modernbert or both (train.py --arch; default: both on a GPU, bert on a CPU)")
     p.add_argument("--model", choices=sorted(PRESETS), default="large",
-                   help="model preset (tiny for a CPU smoke run)")
-    p.add_argument("--vocab-size", type=int, default=BERT_VOCAB,
-                   help="model vocabulary (default: BERT's, not the sample tokenizer's 8192)")
+                   help="model preset of each architecture (tiny for a CPU smoke run)")
+    p.add_argument("--vocab-size", type=int, default=None,
+                   help=f"model vocabulary (default: each architecture's released one, {ARCH_VOCAB}; "
+                        "not the sample tokenizer's 8192)")
     p.add_argument("--ds-config", type=Path, default=None,
                    help="DeepSpeed JSON (default: ds_configs/zero2_bf16.json on GPU, cpu_tiny.json on CPU)")
     p.add_argument("--compile-modes", default=None,
@@ -490,6 +505,10 @@ def parse(argv: list[str] | None = None) -> tuple[argparse.Namespace, str, dict[
         p.error(f"--device-kind cuda but no GPU is visible {probe.get('probe_error', '')}")
     if args.tp is None:
         args.tp = [1, 2] if kind == "cuda" and probe["count"] >= 2 else [1]
+    archs = args.archs or ("bert,modernbert" if kind == "cuda" else "bert")
+    args.archs = list(dict.fromkeys(a.strip() for a in archs.split(",") if a.strip()))
+    if not args.archs or set(args.archs) - set(ARCHS):
+        p.error(f"--archs must be a subset of {','.join(ARCHS)}, got {archs!r}")
     if args.train_iters is None:
         args.train_iters = 20 if args.quick else 30
     if not 0 <= args.warmup < args.train_iters:
@@ -529,8 +548,9 @@ def main(argv: list[str] | None = None) -> int:
     args, kind, probe = parse(argv)
     budget = Budget(args.budget_s, float(os.environ.get(ENV_START) or time.time()))
     args.work_dir.mkdir(parents=True, exist_ok=True)
-    model_config = args.work_dir / "model_config.json"
-    model_config.write_text(json.dumps({"vocab_size": args.vocab_size}))
+    model_configs = {arch: args.work_dir / f"model_config_{arch}.json" for arch in args.archs}
+    for arch, path in model_configs.items():
+        path.write_text(json.dumps({"vocab_size": vocab_size(args, arch)}))
     # environment() would name the device through torch.cuda, i.e. create a CUDA context here;
     # it is given the CPU and the GPU fields come from the probe instead.
     env = environment(args, torch.device("cpu"))
@@ -543,7 +563,8 @@ def main(argv: list[str] | None = None) -> int:
         "peak_tflops": peak_tflops(dev) if kind == "cuda" else None,
         "environment": env,
         "settings": {
-            "model": args.model, "model_overrides": {"vocab_size": args.vocab_size},
+            "model": args.model, "archs": args.archs,
+            "model_overrides": {arch: {"vocab_size": vocab_size(args, arch)} for arch in args.archs},
             "ds_config": str(args.ds_config.relative_to(REPO_ROOT) if args.ds_config.is_relative_to(REPO_ROOT)
                              else args.ds_config),
             "precision": precision_of(args.ds_config), "train_iters": args.train_iters,
@@ -569,11 +590,11 @@ def main(argv: list[str] | None = None) -> int:
         if corpus.get(seq):
             arm["skip_reason"] = corpus[seq]
         print(f"[{i}/{len(arms)}] {arm['name']} ...", end=" ", flush=True)
-        run_arm(arm, args, model_config, kind, budget)
+        run_arm(arm, args, model_configs[arm["arch"]], kind, budget)
         add_comparisons(arms)
         if arm["status"] == "ok":
             print(f"{arm['tokens_per_s_per_gpu']:,.0f} tokens/s per GPU, MFU {_pct(arm['mfu'])}, "
-                  f"SDPA {arm.get('sdpa_backend')} ({arm['wall_s']:.0f} s)", flush=True)
+                  f"attention {arm.get('sdpa_backend')} ({arm['wall_s']:.0f} s)", flush=True)
         else:
             print(f"{arm['status'].upper()}: "
                   f"{arm['error'].strip().splitlines()[-1] if arm['error'].strip() else ''}", flush=True)

@@ -204,7 +204,7 @@ SECTIONS: list[tuple[str, str, Callable[[dict[str, Any]], str]]] = [
      train_vs_hf),
     ("allocator", "CPU memory allocator", allocator),
     ("data_pipeline", "Data pipeline", data_pipeline),
-    ("gpu", "GPU: BERT-large throughput and MFU", gpu),
+    ("gpu", "GPU: BERT-large and ModernBERT-large throughput and MFU", gpu),
 ]
 
 

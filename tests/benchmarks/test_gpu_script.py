@@ -74,7 +74,7 @@ def test_cpu_smoke_run_records_every_arm(data_dir: Path, tmp_path: Path) -> None
     assert none["theory_flop_ratio"] == 1.0 and none["measured_time_ratio"] == 1.0
     assert none["realised_saving"] is None
     # The theoretical ratio is the one sctd_dist.flops gives for this model and length.
-    cfg = BertModelConfig.from_preset("tiny", {"vocab_size": settings["model_overrides"]["vocab_size"]})
+    cfg = BertModelConfig.from_preset("tiny", {"vocab_size": settings["model_overrides"]["bert"]["vocab_size"]})
     expected = (step_flops_per_sequence(cfg, TokenDropConfig(mode="vanilla"), SEQ, 0.15 * SEQ, 5,
                                         num_kept(SEQ, 0.5))
                 / step_flops_per_sequence(cfg, TokenDropConfig(mode="none"), SEQ, 0.15 * SEQ, 5, None))
@@ -89,9 +89,9 @@ def test_cpu_smoke_run_records_every_arm(data_dir: Path, tmp_path: Path) -> None
     table = result["table"]
     assert table in proc.stdout and table in (tmp_path / "out" / "gpu.md").read_text()
     lines = table.splitlines()
-    assert lines[0].startswith("| seq | TP |") and "MFU - baseline MFU" in lines[0]
+    assert lines[0].startswith("| arch | seq | TP |") and "MFU - baseline MFU" in lines[0]
     assert "theory FLOP ratio" in lines[0] and "realised saving" in lines[0]
-    assert "| compile | SDPA |" in lines[0]
+    assert "| compile | attention kernel |" in lines[0]
     assert len(lines) == 2 + 2 and all("| n/a |" in row for row in lines[2:])
 
 
@@ -177,3 +177,18 @@ def test_arms_run_in_order_of_value() -> None:
         assert names[-1].endswith("-compiled") and not any(n.endswith("-compiled") for n in names[:12])
     assert names[:8] == ["s512-tp1-none", "s128-tp1-none", "s512-tp1-vanilla", "s512-tp1-sctd",
                          "s128-tp1-vanilla", "s128-tp1-sctd", "s512-tp2-none", "s128-tp2-none"]
+
+    # On a GPU both architectures run: ModernBERT's TP=1 eager arms after BERT's, before TP=2,
+    # with its own vocabulary and train.py's --arch.
+    args, _, _ = gpu_throughput.parse(["--device-kind", "cpu", "--archs", "bert,modernbert",
+                                       "--compile-modes", "eager", "--tp", "1,2", "--seqs", "512"])
+    arms = gpu_throughput.build_arms(args, "cpu", 0)
+    assert [a["name"] for a in arms][:7] == [
+        "s512-tp1-none", "s512-tp1-vanilla", "s512-tp1-sctd", "modernbert-s512-tp1-none",
+        "modernbert-s512-tp1-vanilla", "modernbert-s512-tp1-sctd", "s512-tp2-none"]
+    modern = arms[3]
+    assert gpu_throughput.vocab_size(args, "modernbert") == 50368
+    train_args = gpu_throughput.train_args_for(modern, args, Path("m.json"))
+    assert train_args[train_args.index("--arch"):][:2] == ["--arch", "modernbert"]
+    # The theory is the GeGLU block's: another ratio than BERT's at the same length.
+    assert arms[4]["theory_flop_ratio"] != arms[1]["theory_flop_ratio"] < 1.0
