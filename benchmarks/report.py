@@ -157,7 +157,7 @@ def convergence(d: dict[str, Any]) -> str:
                   f"**{_yes(loss_c <= loss_v)}** (by the second-half mean).",
                   f"- Goal, drift curve higher for ScTD: centered [CLS] cosine, mean over the second half, "
                   f"{cos_c:.3f} vs {cos_v:.3f}: **{_yes(cos_c > cos_v)}**."]
-    lines += ["", "![held-out loss](convergence_loss.png)", "", "![semantic drift](convergence_drift.png)"]
+    lines += ["", *[f"![{Path(p).stem}]({Path(p).name})" for p in d.get("plots", [])]]
     return "\n".join(lines)
 
 
@@ -175,7 +175,7 @@ def quality(d: dict[str, Any]) -> str:
              + (f"; majority-class accuracy {majority}." if majority else "."), "",
              "Differences between arms, and whether they exceed the seed spread (the arms' min-max ranges "
              "over seeds do not overlap):", "", *[f"- {v}" for v in verdicts(comparisons)], "",
-             "![pretraining](quality_pretraining.png)", "", "![downstream](quality_downstream.png)"]
+             *[f"![{Path(p).stem}]({Path(p).name})" for p in d.get("plots", [])]]
     return "\n".join(lines)
 
 
