@@ -224,7 +224,7 @@ def split_to_sequence(x: torch.Tensor, ctx: ParallelContext) -> torch.Tensor:
     return x
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | BlockMask | None,
               dropout_p: float, ctx: ParallelContext) -> torch.Tensor:
     """`scaled_dot_product_attention` over this rank's heads (`mask`: True = may attend), or
     FlexAttention when `mask` is a block mask.
