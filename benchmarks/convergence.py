@@ -1,11 +1,11 @@
 """Small-scale quality at equal wall-clock: all tokens vs vanilla token dropping vs ScTD.
 
 Three copies of the same initial weights (BERT's block, or ModernBERT's with `--arch modernbert`:
-sliding-window layers, rotary positions, attention within documents, as train.py runs it) train on the embedded sample corpus with the project's
-own data pipeline (packed shards, dynamic masking, the resumable sampler) and model; each arm
-gets the same wall-clock budget of training time. The arms run interleaved in one process (the
-arm that has used the least time takes the next step), so background load on a shared machine
-slows them alike. At regular marks of each arm's own training time it is evaluated on the whole
+sliding-window layers, rotary positions, attention within documents, as train.py runs it) train
+on the embedded sample corpus with the project's own data pipeline (packed shards, dynamic
+masking, the resumable sampler) and model; each arm gets the same wall-clock budget of training
+time. The arms run interleaved in one process (the arm that has used the least time takes the
+next step), so background load on a shared machine slows them alike. At regular marks of each arm's own training time it is evaluated on the whole
 held-out split (evaluation time is not charged to the budget):
 
   * held-out MLM loss and accuracy with all tokens (what a downstream user of the encoder gets);
@@ -46,6 +46,7 @@ class Arm:
 
     def __init__(self, mode: str, args, model_cfg, special, ctx, state: dict[str, torch.Tensor],
                  loader, device: torch.device) -> None:
+        from sctd_dist.model.arch import attends_within_documents
         from sctd_dist.model.config import TokenDropConfig
         from sctd_dist.model.pretraining import PretrainingModel
 
@@ -54,7 +55,7 @@ class Arm:
                                sctd_weight=args.sctd_weight, mlm_mix=args.sctd_mlm_mix)
         # Attention within documents as train.py defaults it for the architecture.
         self.model = PretrainingModel(model_cfg, drop, special, ctx,
-                                      within_documents=args.arch == "modernbert").to(device)
+                                      within_documents=attends_within_documents(args.arch)).to(device)
         self.model.mlm.load_state_dict(state)
         self.model.train()
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=args.lr, betas=(0.9, 0.98), eps=1e-6,
@@ -237,7 +238,9 @@ def plot(result: dict[str, Any], out_dir: Path, stem: str) -> list[Path]:
 def add_study_args(p: argparse.ArgumentParser) -> None:
     """Flags of the model, the pretraining objective, the data and the outputs, shared with
     quality.py."""
-    p.add_argument("--arch", choices=("bert", "modernbert"), default="bert",
+    from sctd_dist.model.arch import ARCHS
+
+    p.add_argument("--arch", choices=ARCHS, default="bert",
                    help="the encoder block (train.py's flag); modernbert attends within documents")
     p.add_argument("--layers", type=int, default=6)
     p.add_argument("--hidden", type=int, default=128)

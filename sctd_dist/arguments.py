@@ -16,7 +16,7 @@ from sctd_dist.checkpoint import ON_BAD, complete_tags
 from sctd_dist.data.mixture import DataSource, parse_data_path
 from sctd_dist.flags import add_flags, flag, from_flags
 from sctd_dist.lr_schedule import LRScheduleConfig
-from sctd_dist.model.arch import ARCHS, hf_model_type
+from sctd_dist.model.arch import ARCHS, attends_within_documents, hf_model_type
 from sctd_dist.model.config import PRESETS, TokenDropConfig
 from sctd_dist.typed import check_types
 
@@ -142,7 +142,7 @@ class TrainConfig:
         """--attention-within-documents, defaulting by architecture."""
         if self.attention_within_documents is not None:
             return self.attention_within_documents
-        return self.model_arch == "modernbert"
+        return attends_within_documents(self.model_arch)
 
     @property
     def load_dir(self) -> Path | None:

@@ -26,6 +26,12 @@ def arch_of(cfg: ModelConfig) -> str:
     return getattr(cfg, "arch", "bert")
 
 
+def attends_within_documents(arch: str) -> bool:
+    """The `--attention-within-documents` default of an architecture: on for ModernBERT (its
+    trainer never attends across documents), off for BERT (the 2018 recipe packs across them)."""
+    return arch == "modernbert"
+
+
 def preset_names(arch: str) -> list[str]:
     """The `--model` presets of an architecture."""
     return sorted(_PRESETS[arch])
