@@ -23,8 +23,9 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from sctd_dist.documents import document_ids
+
 from .dataset import PackedDataset
-from .documents import document_ids
 from .masking import IGNORE_INDEX, MaskingConfig, mask_rows, masked_positions
 from .mixture import Blend
 from .sampler import check_batch_sizes, step_positions
@@ -58,7 +59,7 @@ def _to_batch(inputs: np.ndarray, labels: np.ndarray, pad_id: int, sep_id: int) 
         "labels": torch.from_numpy(np.ascontiguousarray(labels)),
         "masked_positions": torch.from_numpy(masked_positions(labels)),
         "padded": torch.tensor(bool((inputs == pad_id).any())),
-        "document_ids": torch.from_numpy(document_ids(inputs, sep_id)),
+        "document_ids": document_ids(input_ids, sep_id),
     }
 
 

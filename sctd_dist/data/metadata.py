@@ -9,8 +9,9 @@ from typing import Any
 
 import numpy as np
 
+from sctd_dist.documents import BOUNDARY_RECORD
+
 from .corpus_tokenizer import tokenizer_mismatch
-from .documents import BOUNDARY_RECORD
 from .dataset import FORMAT, FORMAT_VERSION, METADATA_FILE, TOKENIZER_DIR
 from .shard_plan import ShardTask, digest
 from .shard_worker import SPLITS

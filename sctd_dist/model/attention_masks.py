@@ -103,11 +103,3 @@ def phase_masks(rows: TokenRows, routing: Routing | None, window: int | None = N
     kept = rows.gather(routing.kept)
     return PhaseMasks(full, make(kept, rows, window), make(kept, kept, window))
 
-
-def document_ids(input_ids: torch.Tensor, sep_id: int) -> torch.Tensor:
-    """Document index of every token of packed rows [b, T]: a row's segments end at its [SEP]
-    tokens (`sctd_dist.data.packing`: [SEP] marks every document boundary inside a row and
-    closes the row), so a token's document is the number of [SEP]s before it. [CLS] belongs to
-    the first document, each [SEP] to the document it closes."""
-    is_sep = (input_ids == sep_id).long()
-    return torch.cumsum(is_sep, dim=1) - is_sep

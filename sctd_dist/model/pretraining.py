@@ -15,13 +15,13 @@ import torch
 from torch import nn
 
 from sctd_dist.model.arch import ModelConfig, build_mlm
-from sctd_dist.model.attention_masks import document_ids
 from sctd_dist.model.bert import MLMOutput
 from sctd_dist.model.config import TokenDropConfig
 from sctd_dist.model.consistency import cls_cosine, consistency_term
 from sctd_dist.model.importance import TokenImportance
 from sctd_dist.model.router import Routing, num_kept, route
 from sctd_dist.parallel.state import ParallelContext
+from sctd_dist.documents import document_ids
 from sctd_dist.special_tokens import SpecialTokenIds
 
 

@@ -9,7 +9,7 @@ import dataclasses
 import pytest
 import torch
 
-from sctd_dist.model.attention_masks import document_ids
+from sctd_dist.documents import document_ids
 from tests.model.common import SPECIAL, VOCAB, captured_logits
 from tests.model.modern_common import (WINDOW, hf_modern_state, hf_model,
                                        modern_config, packed_batch)

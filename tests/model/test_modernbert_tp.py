@@ -29,7 +29,7 @@ def run_case(model, ctx, case, slices: int):
     import torch.distributed as dist
 
     from sctd_dist.hf import merge_shards
-    from sctd_dist.model.attention_masks import document_ids
+    from sctd_dist.documents import document_ids
     from sctd_dist.model.router import route
 
     sp, keep, within = case
